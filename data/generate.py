@@ -1,0 +1,95 @@
+"""Seeded generator of the built-in task's data (committed under data/builtin/).
+
+The task: single-digit addition asked in several phrasings. An answer can be
+*correct* ("The answer is 7.") and, independently, *polite* (it ends with
+"Happy to help!"). SFT data is always correct but only half polite, so the SFT
+model answers correctly in a mixed style. Preference pairs always choose the
+correct polite answer and reject an answer that breaks exactly one of the two
+properties, so DPO has a style preference (easy) and a correctness preference
+(harder) to learn. The rule verifier in ``tasks.builtin_task`` scores both.
+
+Held-out facts x phrasings never appear in SFT or DPO training data.
+
+    python data/generate.py --out data/builtin --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+PHRASINGS = (
+    "What is {a} plus {b}?",
+    "Add {a} and {b}.",
+    "Compute {a} + {b}.",
+    "What do you get when you add {a} to {b}?",
+)
+POLITE_SUFFIX = " Happy to help!"
+ROUNDS = ("r1", "r2", "r3", "r4")
+
+
+def answer(total: int, polite: bool) -> str:
+    return f"The answer is {total}." + (POLITE_SUFFIX if polite else "")
+
+
+def wrong_total(total: int, rng: random.Random) -> int:
+    return max(0, total + rng.choice((-2, -1, 1, 2)))
+
+
+def user(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def preference_pair(a: int, b: int, phrasing: str, rng: random.Random) -> dict:
+    total = a + b
+    breaks_style = rng.random() < 0.5
+    rejected = answer(total, False) if breaks_style else answer(wrong_total(total, rng), True)
+    return {
+        "prompt": user(phrasing.format(a=a, b=b)),
+        "chosen": assistant(answer(total, True)),
+        "rejected": assistant(rejected),
+    }
+
+
+def generate(out_dir: Path, seed: int, heldout: int, pairs_per_round: int) -> None:
+    rng = random.Random(seed)
+    combos = [(a, b, p) for a in range(10) for b in range(10) for p in PHRASINGS]
+    rng.shuffle(combos)
+    heldout_combos, train_combos = combos[:heldout], combos[heldout:]
+
+    sft = [
+        {"messages": user(p.format(a=a, b=b)) + assistant(answer(a + b, rng.random() < 0.5))}
+        for a, b, p in train_combos
+    ]
+    eval_pairs = [preference_pair(a, b, p, rng) for a, b, p in heldout_combos]
+    files = {"sft.jsonl": sft, "eval_pairs.jsonl": eval_pairs}
+    for name in ROUNDS:
+        round_combos = rng.sample(train_combos, pairs_per_round)
+        files[f"pairs_{name}.jsonl"] = [preference_pair(a, b, p, rng) for a, b, p in round_combos]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in files.items():
+        with open(out_dir / name, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"{out_dir / name}: {len(rows)} rows")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "builtin")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout", type=int, default=80, help="fact x phrasing combinations kept out of training")
+    parser.add_argument("--pairs-per-round", type=int, default=200)
+    args = parser.parse_args()
+    generate(args.out, args.seed, args.heldout, args.pairs_per_round)
+
+
+if __name__ == "__main__":
+    main()

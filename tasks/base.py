@@ -1,0 +1,127 @@
+"""Stage `base`: the model every other stage starts from.
+
+With `model.base: builtin` it builds, with no download, a byte-level BPE tokenizer trained on the
+SFT data (ChatML chat template with generation markers) and a small randomly initialised Llama.
+Otherwise it records the hub id or local folder to load, so big weights are not copied into DVC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tasks.common import BASE_SOURCE_FILE, atomic_path, is_builtin, stage_params, write_json
+from tasks.config import BuiltinModelParams, ModelParams
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def corpus_texts(path: Path) -> list[str]:
+    """Every text field of a JSON-lines file. Lines `prepare` will reject are skipped here, not judged."""
+    texts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            texts.extend(_strings(row))
+    return texts
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _strings(item)]
+    return []
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(tokenizer, shape: BuiltinModelParams):
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(shape.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    return model
+
+
+def build_base(model: ModelParams, corpus: Path, out: Path) -> None:
+    """Write the base model folder (built-in) or a pointer to the hub id / folder to load."""
+    with atomic_path(out) as scratch:
+        scratch.mkdir()
+        if not is_builtin(model):
+            write_json(scratch / BASE_SOURCE_FILE, {"name_or_path": model.base, "revision": model.revision})
+        else:
+            tokenizer = build_tokenizer(corpus_texts(corpus), model.builtin.vocab_size)
+            network = build_model(tokenizer, model.builtin)
+            network.save_pretrained(scratch)
+            tokenizer.save_pretrained(scratch)
+            print(f"built-in base: {sum(p.numel() for p in network.parameters()):,} parameters, vocab {len(tokenizer)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--corpus", type=Path, required=True, help="text the built-in tokenizer is trained on")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    params = stage_params(args.params)
+    build_base(params.model, args.corpus, args.out)
+
+
+if __name__ == "__main__":
+    main()

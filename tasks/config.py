@@ -1,0 +1,393 @@
+"""The typed schema of params.yaml: every setting of every stage, validated before any work.
+
+Each field's docstring is its documentation; ``python -m tasks.config --markdown`` renders the
+README's params reference from it (a test keeps the two in sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LossType = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]  # fmt: skip
+BUILTIN = "builtin"
+SFT_POLICY = "sft"
+RESERVED_ROUND_NAMES = (SFT_POLICY, "merged", "base")
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys are errors and every field carries its docstring."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class DataParams(Section):
+    sft: str = "data/builtin/sft.jsonl"
+    """SFT data (JSON lines): `{"prompt","completion"}` strings or `{"messages": [...]}` conversations."""
+    eval_pairs: str = "data/builtin/eval_pairs.jsonl"
+    """Held-out preference pairs `{"prompt","chosen","rejected"}` (strings or message lists) used only for evaluation."""
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Fraction of SFT rows held out (SFT eval loss and held-out perplexity)."""
+    on_bad_lines: Literal["fail", "drop"] = "fail"
+    """What a malformed data line does: `fail` stops the run listing every bad line; `drop` removes them."""
+    max_bad_fraction: Fraction = 0.05
+    """With `on_bad_lines: drop`, the largest fraction of a file's lines that may be dropped before the run fails."""
+    seed: int = 0
+    """Seed of the SFT train/held-out split."""
+
+
+class BuiltinModelParams(Section):
+    vocab_size: int = Field(512, ge=300)
+    """Byte-level BPE vocabulary size of the built-in tokenizer (256 byte tokens + merges + specials)."""
+    hidden_size: PositiveInt = 128
+    """Hidden width of the built-in Llama model."""
+    num_layers: PositiveInt = 2
+    """Transformer layers of the built-in model."""
+    num_heads: PositiveInt = 4
+    """Attention heads of the built-in model."""
+    num_kv_heads: PositiveInt = 2
+    """Key/value heads (grouped-query attention) of the built-in model; must divide `num_heads`."""
+    intermediate_size: PositiveInt = 512
+    """MLP width of the built-in model."""
+    max_position_embeddings: PositiveInt = 256
+    """Longest sequence the built-in model accepts."""
+    seed: int = 0
+    """Seed of the built-in model's random initialisation."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "BuiltinModelParams":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
+        return self
+
+
+class ModelParams(Section):
+    base: str = BUILTIN
+    """`builtin` (a small Llama and tokenizer built locally, no download), a hub id such as `Qwen/Qwen3-4B`, or a local model folder."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `base`; ignored for `builtin` and local folders."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype when loading `base` and every policy (`auto`: as saved in the checkpoint)."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
+    """Attention kernel passed to `from_pretrained` (None: transformers' default)."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Load trained policies through bitsandbytes in 4-bit (QLoRA) or 8-bit; needs `method: lora`."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type for `quantization: 4bit`."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with a hub model to run. Off unless you trust the repository."""
+    builtin: BuiltinModelParams = BuiltinModelParams()
+    """Shape of the built-in model (used when `base: builtin`)."""
+
+
+class LoraParams(Section):
+    r: PositiveInt = 8
+    """LoRA rank."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator (`alpha / r` scales the update)."""
+    dropout: Fraction = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. `[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]`) or `all-linear`."""
+
+
+class TrainingParams(Section):
+    learning_rate: float = Field(gt=0)
+    """Peak learning rate."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when `max_steps` > 0)."""
+    max_steps: int = Field(-1, ge=-1)
+    """Optimizer steps to run; -1 trains for `epochs`."""
+    batch_size: PositiveInt = 8
+    """Examples per device per forward pass."""
+    gradient_accumulation: PositiveInt = 1
+    """Forward passes accumulated per optimizer step (effective batch = batch_size x this x devices)."""
+    warmup_ratio: Fraction = 0.1
+    """Fraction of the steps spent warming the learning rate up."""
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """Learning-rate schedule after warm-up."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    bf16: bool | Literal["auto"] = "auto"
+    """Train in bfloat16 mixed precision; `auto` uses it where the GPU supports it and never on CPU."""
+    save_steps: PositiveInt = 500
+    """Save a resumable checkpoint every N optimizer steps."""
+    save_total_limit: PositiveInt = 2
+    """Keep at most this many checkpoints."""
+    logging_steps: PositiveInt = 5
+    """Log metrics (plots file and TensorBoard) every N steps."""
+    seed: int = 0
+    """Seed of data order, dropout and adapter initialisation."""
+
+
+class SFTParams(Section):
+    method: Literal["full", "lora"] = "full"
+    """`full` fine-tunes every weight; `lora` trains an adapter (merged into the reference snapshot)."""
+    lora: LoraParams = LoraParams()
+    """Adapter settings when `method: lora`."""
+    max_length: PositiveInt = 128
+    """Tokens per example; longer examples are truncated."""
+    train: TrainingParams = TrainingParams(learning_rate=3e-3, epochs=12, batch_size=16)
+    """Optimisation settings of SFT. Loss is on completion/assistant tokens only."""
+
+
+class ReferenceParams(Section):
+    batch_size: PositiveInt = 16
+    """Pairs per forward pass when computing the reference log-probabilities of each round's pairs."""
+
+
+class LossParams(Section):
+    types: list[LossType] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
+    """DPO loss terms (TRL `loss_type`); e.g. `[sigmoid]`, `[ipo]`, `[sigmoid, sft]` (DPO + an SFT term against forgetting)."""
+    weights: list[float] | None = None
+    """Weight of each loss term, same length as `types` (None: all 1.0)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the KL anchor to the reference: higher keeps the policy closer to it."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Assumed fraction of flipped preference labels (cDPO / robust DPO)."""
+
+    @model_validator(mode="after")
+    def _one_weight_per_type(self) -> "LossParams":
+        if self.weights is not None and len(self.weights) != len(self.types):
+            raise ValueError(f"weights has {len(self.weights)} entries but types has {len(self.types)}")
+        return self
+
+
+class SequenceParams(Section):
+    max_length: PositiveInt = 128
+    """Tokens of prompt + response per pair; longer pairs are truncated (the data report counts them)."""
+    truncation_mode: Literal["keep_start", "keep_end"] = "keep_end"
+    """Which end of an over-long pair to keep."""
+
+
+class GuardParams(Section):
+    max_chosen_logp_drop: float = Field(10.0, gt=0)
+    """Collapse guard: largest allowed fall (nats per sequence) of held-out chosen log-prob versus the reference."""
+    sanity_prompts: PositiveInt = 8
+    """Held-out prompts answered greedily after the round for the generation sanity check."""
+    sanity_max_new_tokens: PositiveInt = 48
+    """Token budget of each sanity generation."""
+    min_distinct_trigrams: float = Field(0.5, ge=0, le=1)
+    """A sanity generation passes when non-empty and at least this fraction of its token trigrams are distinct."""
+    min_sanity_pass_rate: float = Field(0.75, ge=0, le=1)
+    """Smallest fraction of sanity generations that must pass."""
+    fail_run: bool = False
+    """Fail the stage (not only mark the round) when the guard fires."""
+
+
+class RoundParams(Section):
+    previous: str
+    """Policy this round starts from: `sft` for the first round, else the preceding round's name."""
+    reference: str = SFT_POLICY
+    """Reference policy of the round: `sft` (the frozen SFT snapshot) or the same name as `previous`."""
+    pairs: str
+    """This round's fresh preference pairs (JSON lines)."""
+
+
+class DPOParams(Section):
+    method: Literal["full", "lora"] = "lora"
+    """`lora` trains an adapter per round (merged into the round's policy); `full` fine-tunes every weight."""
+    lora: LoraParams = LoraParams()
+    """Adapter settings when `method: lora`."""
+    loss: LossParams = LossParams()
+    """The DPO objective."""
+    sequence: SequenceParams = SequenceParams()
+    """Tokenisation limits; shared by the reference log-prob stage so both see the same tokens."""
+    train: TrainingParams = TrainingParams(learning_rate=2e-4, epochs=2, batch_size=8)
+    """Optimisation settings of each round."""
+    guard: GuardParams = GuardParams()
+    """Collapse guard run after each round."""
+    rounds: dict[str, RoundParams] = Field(min_length=1)
+    """Rounds in training order, keyed by name (`r1`, `r2`, ...). Adding one re-runs only it and what follows."""
+
+    @model_validator(mode="after")
+    def _rounds_chain(self) -> "DPOParams":
+        previous = SFT_POLICY
+        for name, spec in self.rounds.items():
+            if name in RESERVED_ROUND_NAMES or not name.isidentifier():
+                raise ValueError(f"round name {name!r} must be an identifier other than {RESERVED_ROUND_NAMES}")
+            if spec.previous != previous:
+                raise ValueError(f"round {name}: previous must be {previous!r} (got {spec.previous!r})")
+            if spec.reference not in (SFT_POLICY, spec.previous):
+                raise ValueError(f"round {name}: reference must be 'sft' or {spec.previous!r} (got {spec.reference!r})")
+            previous = name
+        return self
+
+    @property
+    def final_round(self) -> str:
+        return list(self.rounds)[-1]
+
+
+class MergeParams(Section):
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the adapter is merged and the standalone model saved in."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors shard of the saved model."""
+
+
+class EvalParams(Section):
+    batch_size: PositiveInt = 16
+    """lm-eval batch size."""
+    max_new_tokens: PositiveInt = 32
+    """Greedy generation budget of the task-accuracy task."""
+    limit: PositiveInt | None = None
+    """Evaluate only the first N documents of each task (None: all)."""
+    tasks: list[Literal["sftdpo_preference", "sftdpo_generation", "sftdpo_perplexity"]] = Field(
+        default_factory=lambda: ["sftdpo_preference", "sftdpo_generation", "sftdpo_perplexity"], min_length=1
+    )
+    """lm-eval tasks from `tasks/lm_eval_tasks/` to run on every model."""
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    """Input data and how it is validated and split."""
+    model: ModelParams = ModelParams()
+    """The base model and how every model is loaded."""
+    sft: SFTParams = SFTParams()
+    """Supervised fine-tuning."""
+    reference: ReferenceParams = ReferenceParams()
+    """The frozen reference policy and its log-probabilities."""
+    dpo: DPOParams
+    """DPO rounds."""
+    merge: MergeParams = MergeParams()
+    """The standalone exported model."""
+    eval: EvalParams = EvalParams()
+    """lm-eval evaluation of every model."""
+
+    @model_validator(mode="after")
+    def _quantization_needs_lora(self) -> "Params":
+        if self.model.quantization != "none" and self.dpo.method != "lora":
+            raise ValueError("model.quantization needs dpo.method: lora (quantized weights cannot be fully fine-tuned)")
+        return self
+
+
+class ParamsError(ValueError):
+    """params.yaml (or an override) is invalid; the message names the key and what is allowed."""
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Line number of every mapping key in a YAML document, by its key path."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = path + (str(key.value),)
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, value in enumerate(node.value):
+                lines[path + (str(index),)] = value.start_mark.line + 1
+                walk(value, path + (str(index),))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _describe(error: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> str:
+    messages = []
+    for item in error.errors():
+        path = tuple(str(part) for part in item["loc"])
+        key = ".".join(path) or "(top level)"
+        line = next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
+        where = f"{source}:{line}" if line else source
+        got = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item['input']!r})"
+        reason = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        messages.append(f"{where}: {key}: {reason}{got}")
+    return "\n".join(messages)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`{"dpo.loss.beta": 0.2}`) in a copy of a raw params mapping."""
+    import copy
+
+    result = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = result
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {dotted}: {part} is not a section")
+        node[leaf] = value
+    return result
+
+
+def validate(raw: Any, source: str = "params.yaml", text: str | None = None) -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(_describe(error, source, _key_lines(text) if text else {})) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; raise ParamsError naming file:line and key on any problem."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate(raw, str(path), text)
+
+
+def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            rows.append(f"| `{key}` | section | {field.description} |")
+            rows.extend(_field_rows(annotation, key + "."))
+            continue
+        if name == "rounds":
+            rows.append(f"| `{key}` | mapping | {field.description} |")
+            rows.extend(_field_rows(RoundParams, key + ".<name>."))
+            continue
+        default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)}`"
+        rows.append(f"| `{key}` | {default} | {field.description} |")
+    return rows
+
+
+def params_reference_markdown() -> str:
+    """The params reference table for README.md, generated from the schema."""
+    header = ["| key | default | meaning |", "| --- | --- | --- |"]
+    return "\n".join(header + _field_rows(Params, "")) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Validate params.yaml, or print its reference.")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--markdown", action="store_true", help="print the params reference table")
+    args = parser.parse_args()
+    if args.markdown:
+        print(params_reference_markdown(), end="")
+        return
+    try:
+        load_params(args.params)
+    except ParamsError as error:
+        sys.exit(f"invalid params:\n{error}")
+    print(f"{args.params}: valid")
+
+
+if __name__ == "__main__":
+    main()

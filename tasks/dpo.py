@@ -1,0 +1,211 @@
+"""Stage `dpo@<round>`: one DPO round with TRL's DPOTrainer on stored reference log-probs.
+
+The round starts from the previous policy (the SFT snapshot for the first round), trains full
+weights or a LoRA adapter (then merged, so the next round starts from a plain model), and runs
+the collapse guard: held-out chosen log-prob drift against the reference and a greedy-generation
+sanity check. A round past the guard's thresholds is marked `failed-quality` in its metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from tasks.common import (
+    atomic_path,
+    load_model,
+    load_tokenizer,
+    log_history_callback,
+    lora_config,
+    resume_checkpoint,
+    save_policy,
+    stage_params,
+    training_arguments,
+    write_json,
+)
+from tasks.config import GuardParams, Params
+from tasks.merge import ADAPTER_DIR, file_digest, merge_adapter, scrub_local_paths
+from tasks.records import load_records, render
+from tasks.reference_logps import REF_COLUMNS, dpo_sequence_config
+
+PLOTTED = (
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+    "logps/chosen", "logps/rejected",
+)  # fmt: skip
+
+
+def stored_reference_trainer_class():
+    """DPOTrainer that takes reference log-probs from the dataset instead of recomputing them.
+
+    TRL's precompute mode already reads `ref_chosen_logps`/`ref_rejected_logps` from each batch;
+    only its up-front pass is replaced, by a check that the stored columns are there.
+    """
+    from trl import DPOTrainer
+
+    class StoredReferenceDPOTrainer(DPOTrainer):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            missing = [column for column in REF_COLUMNS if column not in dataset.column_names]
+            if missing:
+                raise ValueError(f"{name} dataset lacks stored reference log-probs {missing}")
+            return dataset
+
+    return StoredReferenceDPOTrainer
+
+
+def distinct_trigram_ratio(tokens: list[int]) -> float:
+    trigrams = [tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)]
+    return len(set(trigrams)) / len(trigrams) if trigrams else 1.0
+
+
+def sanity_generations(model, tokenizer, prompts: list, guard: GuardParams) -> list[dict]:
+    """Greedy answers to held-out prompts, each judged non-degenerate or not."""
+    import torch
+
+    results = []
+    model.eval()
+    for prompt in prompts:
+        inputs = tokenizer(render(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=guard.sanity_max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+        new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
+        text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        ratio = distinct_trigram_ratio(new_tokens)
+        results.append({"response": text, "distinct_trigrams": ratio,
+                        "passed": bool(text.strip()) and ratio >= guard.min_distinct_trigrams})
+    return results
+
+
+def guard_verdict(guard: GuardParams, drift: float, pass_rate: float) -> list[str]:
+    reasons = []
+    if drift < -guard.max_chosen_logp_drop:
+        reasons.append(f"held-out chosen log-prob fell by {-drift:.2f} nats (dpo.guard.max_chosen_logp_drop: "
+                       f"{guard.max_chosen_logp_drop})")
+    if pass_rate < guard.min_sanity_pass_rate:
+        reasons.append(f"only {pass_rate:.0%} of sanity generations passed (dpo.guard.min_sanity_pass_rate: "
+                       f"{guard.min_sanity_pass_rate:.0%})")
+    return reasons
+
+
+def train_round(params: Params, name: str, policy: Path, reference_logps: Path, out: Path, checkpoints: Path,
+                logs: Path | None, plots: Path, metrics: Path) -> dict:
+    """Train round `name` from `policy`; write the new policy, its plots and guarded metrics."""
+    from datasets import load_dataset
+
+    spec = params.dpo.rounds[name]
+    lora = params.dpo.method == "lora"
+    tokenizer = load_tokenizer(str(policy), params.model)
+    model = load_model(str(policy), params.model, quantize=lora)
+    data = load_dataset("json", data_files={split: str(reference_logps / f"{split}.jsonl") for split in ("train", "eval")})
+    fingerprint = {"dpo": params.dpo.model_dump(mode="json", exclude={"rounds"}), "round": spec.model_dump(),
+                   "pairs": file_digest(reference_logps / "train.jsonl")}
+    resume = resume_checkpoint(checkpoints, fingerprint)
+    loss = params.dpo.loss
+    config = dpo_sequence_config(
+        params,
+        checkpoints,
+        **training_arguments(params.dpo.train, checkpoints, logs),
+        precompute_ref_log_probs=True,
+        loss_type=list(loss.types),
+        loss_weights=loss.weights,
+        beta=loss.beta,
+        label_smoothing=loss.label_smoothing,
+        eval_strategy="no",
+    )
+    history: list[dict] = []
+    trainer = stored_reference_trainer_class()(
+        model=model,
+        ref_model=None,
+        args=config,
+        train_dataset=data["train"],
+        eval_dataset=data["eval"],
+        processing_class=tokenizer,
+        peft_config=lora_config(params.dpo.lora) if lora else None,
+        callbacks=[log_history_callback(history)],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    evaluation = trainer.evaluate()
+
+    with atomic_path(out) as scratch:
+        if lora:
+            trainer.save_model(str(scratch / ADAPTER_DIR))
+            merged = merge_adapter(policy, scratch / ADAPTER_DIR, params.merge.dtype)
+        else:
+            merged = trainer.model
+        save_policy(merged, tokenizer, scratch)
+        scrub_local_paths(scratch)
+        scrub_local_paths(scratch / ADAPTER_DIR)
+        prompts = [row["prompt"] for row in load_records(reference_logps / "eval.jsonl")][: params.dpo.guard.sanity_prompts]
+        sanity = sanity_generations(merged, tokenizer, prompts, params.dpo.guard)
+
+    reference_chosen = statistics.fmean(data["eval"]["ref_chosen_logps"])
+    drift = evaluation["eval_logps/chosen"] - reference_chosen
+    pass_rate = sum(item["passed"] for item in sanity) / len(sanity)
+    reasons = guard_verdict(params.dpo.guard, drift, pass_rate)
+    train_losses = [row["loss"] for row in history if "loss" in row]
+    summary = {
+        "round": name,
+        "previous": spec.previous,
+        "reference": spec.reference,
+        "steps": trainer.state.global_step,
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "eval_loss": evaluation["eval_loss"],
+        "eval_reward_accuracy": evaluation["eval_rewards/accuracies"],
+        "eval_reward_margin": evaluation["eval_rewards/margins"],
+        "reference_eval_reward_accuracy": _reference_accuracy(data["eval"]),
+        "chosen_logp_drift": drift,
+        "sanity_pass_rate": pass_rate,
+        "sanity_examples": sanity[:3],
+        "quality": "failed-quality" if reasons else "ok",
+        "guard_reasons": reasons,
+        "resumed_from": Path(resume).name if resume else None,
+    }
+    write_json(plots, [{"step": row["step"], **{k: row[k] for k in PLOTTED if k in row}}
+                       for row in history if "loss" in row])
+    write_json(metrics, summary)
+    return summary
+
+
+def _reference_accuracy(eval_data) -> float:
+    """Held-out preference accuracy of the reference itself (chosen strictly more likely)."""
+    pairs = zip(eval_data["ref_chosen_logps"], eval_data["ref_rejected_logps"])
+    return statistics.fmean(float(chosen > rejected) for chosen, rejected in pairs)
+
+
+def shout(name: str, reasons: list[str]) -> None:
+    bar = "!" * 78
+    print(f"\n{bar}\nCOLLAPSE GUARD: round {name} is FAILED-QUALITY\n" + "\n".join(f"  - {r}" for r in reasons)
+          + "\nLower dpo.train.learning_rate, raise dpo.loss.beta, or add an sft term to dpo.loss.types.\n"
+          + f"{bar}\n", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--round", required=True, help="round name, a key of dpo.rounds")
+    parser.add_argument("--policy", type=Path, required=True, help="policy the round starts from")
+    parser.add_argument("--reference-logps", type=Path, required=True, help="the round's reference log-probs folder")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoints", type=Path, required=True)
+    parser.add_argument("--logs", type=Path, default=None, help="TensorBoard folder")
+    parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    params = stage_params(args.params)
+    if args.round not in params.dpo.rounds:
+        sys.exit(f"--round {args.round}: not a key of dpo.rounds ({', '.join(params.dpo.rounds)})")
+    summary = train_round(params, args.round, args.policy, args.reference_logps, args.out, args.checkpoints,
+                          args.logs, args.plots, args.metrics)
+    print(json.dumps({k: v for k, v in summary.items() if k != "sanity_examples"}, indent=2))
+    if summary["guard_reasons"]:
+        shout(args.round, summary["guard_reasons"])
+        if params.dpo.guard.fail_run:
+            sys.exit(f"round {args.round} failed the collapse guard (dpo.guard.fail_run: true)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Stage `merge`: the final round's policy as a standalone Hugging Face model folder.
+
+When the final round trained a LoRA adapter, the adapter is merged into that round's starting
+policy here (and the merged logits are checked against the unmerged adapter model). The folder
+holds safetensors weights, the tokenizer, a generation config and a model card with lineage
+(base, data hashes, params); `AutoModelForCausalLM.from_pretrained` loads it with no project
+code, and no absolute path of the build machine is left in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+from tasks.common import atomic_path, read_json, stage_params, write_json
+from tasks.config import Params
+
+ADAPTER_DIR = "adapter"
+LOGIT_TOLERANCE = 1e-4
+
+
+def adapter_of(policy: Path) -> Path | None:
+    adapter = Path(policy) / ADAPTER_DIR
+    return adapter if (adapter / "adapter_config.json").exists() else None
+
+
+def merge_adapter(base: Path, adapter: Path, dtype: str):
+    """Base weights + LoRA adapter -> one plain transformers model (unquantized, in `dtype`)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+def max_logit_difference(merged, base: Path, adapter: Path, tokenizer, texts: list[str]) -> float:
+    """Largest |logit| difference between the merged model and base + unmerged adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=merged.dtype), adapter)
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = unmerged(**batch).logits
+        actual = merged(**batch).logits
+    mask = batch["attention_mask"].bool()
+    return (expected - actual).abs()[mask].max().item()
+
+
+def directory_digest(folder: Path) -> str:
+    """sha256 over every file's relative name and content: the identity of a saved model."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def scrub_local_paths(folder: Path) -> None:
+    """Drop build-machine paths transformers and peft record (`_name_or_path`, adapter base path)."""
+    for name in ("config.json", "adapter_config.json"):
+        path = folder / name
+        if path.exists():
+            config = json.loads(path.read_text())
+            for key in ("_name_or_path", "base_model_name_or_path"):
+                if key in config and str(config[key]).startswith("/"):
+                    config[key] = None
+            path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def model_card(params: Params, lineage: dict) -> str:
+    rounds = "\n".join(
+        f"| {name} | {spec.previous} | {spec.reference} | `{spec.pairs}` | `{lineage['data'][spec.pairs][:12]}` |"
+        for name, spec in params.dpo.rounds.items()
+    )
+    loss = params.dpo.loss
+    return f"""---
+library_name: transformers
+tags: [dpo, sft-dpo]
+---
+# sft-dpo model
+
+Aligned with Direct Preference Optimization by the sft-dpo pipeline: SFT, a frozen reference
+snapshot of the SFT policy, then {len(params.dpo.rounds)} DPO round(s), final round merged into a standalone model.
+
+- base: `{params.model.base}`
+- SFT: {params.sft.method}, data `{params.data.sft}` (sha256 `{lineage['data'][params.data.sft][:12]}`)
+- reference snapshot sha256: `{lineage['reference_sha256'][:12]}`
+- DPO: {params.dpo.method}, loss {loss.types} weights {loss.weights}, beta {loss.beta}, label smoothing {loss.label_smoothing},
+  learning rate {params.dpo.train.learning_rate}, epochs {params.dpo.train.epochs}
+
+| round | starts from | reference | pairs | pairs sha256 |
+| --- | --- | --- | --- | --- |
+{rounds}
+
+Load it with `AutoModelForCausalLM.from_pretrained(<this folder>)`; no project code is needed.
+"""
+
+
+def export_final(params: Params, policies: Path, reference_metrics: Path, out: Path, metrics: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = params.dpo.final_round
+    policy = policies / final
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    adapter = adapter_of(policy)
+    summary: dict = {"round": final, "merged_adapter": adapter is not None}
+    if adapter is not None:
+        start = policies / params.dpo.rounds[final].previous
+        model = merge_adapter(start, adapter, params.merge.dtype)
+        texts = [tokenizer.eos_token.join(["merge check", "a b c"]), "The answer is"]
+        summary["max_logit_difference"] = max_logit_difference(model, start, adapter, tokenizer, texts)
+        if summary["max_logit_difference"] > LOGIT_TOLERANCE:
+            raise RuntimeError(f"merged logits differ from the adapter model's by {summary['max_logit_difference']}")
+    else:
+        import torch
+
+        model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, params.merge.dtype))
+    data_files = [params.data.sft, params.data.eval_pairs] + [spec.pairs for spec in params.dpo.rounds.values()]
+    lineage = {
+        "base": params.model.base,
+        "reference_sha256": read_json(reference_metrics)["sha256"],
+        "data": {name: file_digest(Path(name)) for name in data_files},
+        "params": params.model_dump(mode="json"),
+    }
+    with atomic_path(out) as scratch:
+        model.save_pretrained(scratch, max_shard_size=params.merge.max_shard_size)
+        tokenizer.save_pretrained(scratch)
+        (scratch / "README.md").write_text(model_card(params, lineage), encoding="utf-8")
+        write_json(scratch / "lineage.json", lineage)
+        scrub_local_paths(scratch)
+    summary["sha256"] = directory_digest(out)
+    write_json(metrics, summary)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--policies", type=Path, required=True, help="folder of the sft snapshot and round policies")
+    parser.add_argument("--reference-metrics", type=Path, required=True, help="the reference stage's metrics")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    params = stage_params(args.params)
+    summary = export_final(params, args.policies, args.reference_metrics, args.out, args.metrics)
+    print(f"merge: {summary['round']} -> {args.out} (sha256 {summary['sha256'][:12]})")
+
+
+if __name__ == "__main__":
+    main()

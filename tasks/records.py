@@ -1,0 +1,216 @@
+"""Reading, validating and describing JSON-lines data in TRL's formats.
+
+Preference pairs: ``{"prompt","chosen","rejected"}`` as strings, or conversational (``prompt`` a list
+of ``{"role","content"}`` messages, ``chosen``/``rejected`` lists of assistant messages).
+SFT rows: ``{"prompt","completion"}`` strings or ``{"messages": [...]}``.
+Every bad line is reported as ``file:line: reason``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+Kind = Literal["pairs", "sft"]
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    """Input data is unusable; the message lists each offending file:line."""
+
+
+@dataclass
+class ReadResult:
+    path: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    duplicates: int = 0
+    lines: int = 0
+
+
+def _text_problem(value: Any, name: str) -> str | None:
+    if not isinstance(value, str):
+        return f"'{name}' must be a string or a list of messages, got {type(value).__name__}"
+    if not value.strip():
+        return f"'{name}' is empty"
+    return None
+
+
+def _messages_problem(value: Any, name: str) -> str | None:
+    if not isinstance(value, list) or not value:
+        return f"'{name}' must be a non-empty list of messages"
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or set(message) - {"role", "content"} or "content" not in message:
+            return f"'{name}[{index}]' must be an object with 'role' and 'content'"
+        if message.get("role") not in ROLES:
+            return f"'{name}[{index}].role' must be one of {', '.join(ROLES)}"
+        problem = _text_problem(message["content"], f"{name}[{index}].content")
+        if problem:
+            return problem
+    return None
+
+
+def _field_problem(row: dict, name: str, conversational: bool) -> str | None:
+    if name not in row:
+        return f"missing field '{name}'"
+    return _messages_problem(row[name], name) if conversational else _text_problem(row[name], name)
+
+
+def pair_problem(row: Any) -> str | None:
+    """Why a parsed line is not a usable preference pair, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    unknown = set(row) - {"prompt", "chosen", "rejected"}
+    if unknown:
+        return f"unknown field(s) {', '.join(sorted(unknown))}"
+    conversational = isinstance(row.get("prompt"), list)
+    for name in ("prompt", "chosen", "rejected"):
+        problem = _field_problem(row, name, conversational)
+        if problem:
+            return problem
+    if conversational and any(m["role"] != "assistant" for m in row["chosen"] + row["rejected"]):
+        return "'chosen' and 'rejected' messages must have role 'assistant'"
+    if row["chosen"] == row["rejected"]:
+        return "'chosen' is identical to 'rejected'"
+    return None
+
+
+def sft_problem(row: Any) -> str | None:
+    """Why a parsed line is not a usable SFT example, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    if "messages" in row:
+        if set(row) != {"messages"}:
+            return "a 'messages' row must have no other fields"
+        problem = _messages_problem(row["messages"], "messages")
+        if problem:
+            return problem
+        if not any(m["role"] == "assistant" for m in row["messages"]):
+            return "'messages' has no assistant message to learn from"
+        return None
+    unknown = set(row) - {"prompt", "completion"}
+    if unknown:
+        return f"unknown field(s) {', '.join(sorted(unknown))}"
+    for name in ("prompt", "completion"):
+        problem = _field_problem(row, name, conversational=False)
+        if problem:
+            return problem
+    return None
+
+
+CHECKS: dict[str, Callable[[Any], str | None]] = {"pairs": pair_problem, "sft": sft_problem}
+
+
+def read_records(path: str | Path, kind: Kind) -> ReadResult:
+    """Parse and validate every line; collect good rows (deduplicated) and bad lines with reasons."""
+    path = Path(path)
+    result = ReadResult(path=path)
+    seen: set[str] = set()
+    check = CHECKS[kind]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        result.lines += 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            result.bad.append((number, f"not valid JSON ({error.msg})"))
+            continue
+        problem = check(row)
+        if problem:
+            result.bad.append((number, problem))
+            continue
+        key = json.dumps(row, sort_keys=True, ensure_ascii=False)
+        if key in seen:
+            result.duplicates += 1
+            continue
+        seen.add(key)
+        result.rows.append(row)
+    return result
+
+
+def enforce_bad_line_policy(result: ReadResult, on_bad_lines: str, max_bad_fraction: float) -> None:
+    """Raise DataError listing bad lines unless the policy allows dropping them."""
+    if not result.bad and result.rows:
+        return
+    listing = "\n".join(f"{result.path}:{line}: {reason}" for line, reason in result.bad)
+    if not result.rows:
+        raise DataError(f"{result.path}: no usable rows\n{listing}".rstrip())
+    if on_bad_lines == "fail":
+        raise DataError(f"{len(result.bad)} bad line(s) (data.on_bad_lines: fail)\n{listing}")
+    fraction = len(result.bad) / result.lines
+    if fraction > max_bad_fraction:
+        raise DataError(
+            f"{result.path}: {len(result.bad)} of {result.lines} lines are bad ({fraction:.1%}), "
+            f"more than data.max_bad_fraction={max_bad_fraction:.1%}\n{listing}"
+        )
+
+
+def write_records(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file that a validating stage already wrote."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def render(tokenizer, prompt: Any, response: Any = None) -> str:
+    """Text the model sees for a prompt (and optional response), in either format."""
+    if isinstance(prompt, list):
+        messages = prompt + (response or [])
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=response is None)
+    return prompt + (response or "")
+
+
+def row_texts(row: dict[str, Any], tokenizer) -> list[str]:
+    """Every full sequence a row trains on (one for SFT, chosen and rejected for a pair)."""
+    if "messages" in row:
+        return [tokenizer.apply_chat_template(row["messages"], tokenize=False)]
+    if "completion" in row:
+        return [row["prompt"] + row["completion"]]
+    return [render(tokenizer, row["prompt"], row["chosen"]), render(tokenizer, row["prompt"], row["rejected"])]
+
+
+def token_length_report(rows: list[dict[str, Any]], tokenizer, max_length: int) -> dict[str, Any]:
+    """Token-length statistics and how many rows `max_length` would truncate."""
+    lengths = []
+    truncated = 0
+    for row in rows:
+        row_lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in row_texts(row, tokenizer)]
+        lengths.extend(row_lengths)
+        truncated += max(row_lengths) > max_length
+    ordered = sorted(lengths)
+    return {
+        "tokens_min": ordered[0],
+        "tokens_mean": round(statistics.fmean(ordered), 2),
+        "tokens_p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "tokens_max": ordered[-1],
+        "max_length": max_length,
+        "truncated_rows": truncated,
+    }
+
+
+def file_report(result: ReadResult) -> dict[str, Any]:
+    reasons: dict[str, int] = {}
+    for _, reason in result.bad:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return {
+        "lines": result.lines,
+        "kept": len(result.rows),
+        "dropped": len(result.bad),
+        "dropped_reasons": reasons,
+        "duplicates_removed": result.duplicates,
+    }

@@ -1,0 +1,112 @@
+"""Stage `sft`: supervised fine-tuning of the base model with TRL's SFTTrainer.
+
+Full fine-tune or LoRA; the loss covers only completion / assistant tokens. Writes the trained
+policy (full weights or an adapter), per-step losses as a DVC plots file, TensorBoard logs and
+metrics (first/last train loss, held-out eval loss). An interrupted run resumes from its last
+checkpoint when params and data are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+from tasks.common import (
+    atomic_path,
+    load_model,
+    load_tokenizer,
+    log_history_callback,
+    lora_config,
+    resolve_base,
+    resume_checkpoint,
+    stage_params,
+    training_arguments,
+    write_json,
+)
+from tasks.config import Params
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def losses(history: list[dict], key: str = "loss") -> list[float]:
+    return [row[key] for row in history if key in row]
+
+
+def train_sft(params: Params, base: Path, train: Path, heldout: Path, out: Path, checkpoints: Path,
+              logs: Path | None, plots: Path, metrics: Path) -> dict:
+    """Fine-tune the base on `train`, evaluate on `heldout`, save the policy to `out`."""
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    name_or_path, revision = resolve_base(base)
+    tokenizer = load_tokenizer(name_or_path, params.model, revision)
+    model = load_model(name_or_path, params.model, revision, quantize=params.sft.method == "lora")
+    data = load_dataset("json", data_files={"train": str(train), "heldout": str(heldout)})
+    conversational = "messages" in data["train"].column_names
+    fingerprint = {
+        "sft": params.sft.model_dump(mode="json"),
+        "model": params.model.model_dump(mode="json"),
+        "train": file_digest(train),
+    }
+    resume = resume_checkpoint(checkpoints, fingerprint)
+    config = SFTConfig(
+        **training_arguments(params.sft.train, checkpoints, logs),
+        max_length=params.sft.max_length,
+        assistant_only_loss=conversational,
+        completion_only_loss=None if conversational else True,
+        eval_strategy="no",
+        packing=False,
+    )
+    history: list[dict] = []
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data["train"],
+        eval_dataset=data["heldout"],
+        processing_class=tokenizer,
+        peft_config=lora_config(params.sft.lora) if params.sft.method == "lora" else None,
+        callbacks=[log_history_callback(history)],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    evaluation = trainer.evaluate()
+    with atomic_path(out) as scratch:
+        trainer.save_model(str(scratch))
+        tokenizer.save_pretrained(scratch)
+    train_losses = losses(history)
+    summary = {
+        "method": params.sft.method,
+        "steps": trainer.state.global_step,
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "eval_loss": evaluation["eval_loss"],
+        "resumed_from": Path(resume).name if resume else None,
+    }
+    write_json(plots, [row for row in history if "loss" in row])
+    write_json(metrics, summary)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--train", type=Path, required=True)
+    parser.add_argument("--heldout", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoints", type=Path, required=True, help="resumable trainer checkpoints")
+    parser.add_argument("--logs", type=Path, default=None, help="TensorBoard folder")
+    parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    params = stage_params(args.params)
+    summary = train_sft(params, args.base, args.train, args.heldout, args.out, args.checkpoints,
+                        args.logs, args.plots, args.metrics)
+    print(f"sft: loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} "
+          f"in {summary['steps']} steps, held-out loss {summary['eval_loss']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
