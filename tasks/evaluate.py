@@ -1,0 +1,113 @@
+"""Stages `eval_sft`, `eval@<round>`, `eval_merged`: lm-eval on one model, offline.
+
+The project's task YAMLs (tasks/lm_eval_tasks/) define preference accuracy (multiple choice by
+log-likelihood), task accuracy from greedy generations, and held-out perplexity. This stage
+renders the held-out data with the evaluated model's own chat template, points the tasks at
+those documents, and writes `{metric: value}` for the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from tasks.common import has_cuda, load_tokenizer, stage_params, write_json
+from tasks.config import Params
+from tasks.records import load_records, render, write_records
+
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+REPORTED = {
+    ("sftdpo_preference", "acc"): "preference_accuracy",
+    ("sftdpo_generation", "exact_match"): "task_accuracy",
+    ("sftdpo_generation", "correct"): "correct",
+    ("sftdpo_generation", "polite"): "polite",
+    ("sftdpo_perplexity", "perplexity"): "perplexity",
+}
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
+def _continuation(tokenizer, prompt, response, context: str) -> str:
+    """The response exactly as it follows the rendered prompt (end-of-turn token included)."""
+    full = render(tokenizer, prompt, response)
+    return full[len(context) :] if full.startswith(context) else _text(response)
+
+
+def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -> dict[str, list[dict]]:
+    """Documents of each task, rendered for this model."""
+    preference, generation, seen = [], [], set()
+    for pair in eval_pairs:
+        context = render(tokenizer, pair["prompt"])
+        preference.append({
+            "context": context,
+            "chosen": _continuation(tokenizer, pair["prompt"], pair["chosen"], context),
+            "rejected": _continuation(tokenizer, pair["prompt"], pair["rejected"], context),
+        })
+        if context not in seen:
+            seen.add(context)
+            generation.append({"context": context, "question": _text(pair["prompt"]), "chosen": _text(pair["chosen"])})
+    perplexity = []
+    for row in sft_heldout:
+        prompt, completion = (row["messages"][:-1], row["messages"][-1:]) if "messages" in row else (
+            row["prompt"], row["completion"])
+        context = render(tokenizer, prompt)
+        perplexity.append({"context": context, "completion": _continuation(tokenizer, prompt, completion, context)})
+    return {"sftdpo_preference": preference, "sftdpo_generation": generation, "sftdpo_perplexity": perplexity}
+
+
+def evaluate_model(params: Params, model: Path, eval_pairs: Path, sft_heldout: Path, out: Path) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml  # resolves include: and !function like the CLI
+
+    tokenizer = load_tokenizer(str(model), params.model)
+    documents = task_documents(tokenizer, load_records(eval_pairs), load_records(sft_heldout))
+    with tempfile.TemporaryDirectory() as scratch:
+        specs = []
+        for task in params.eval.tasks:
+            data_file = Path(scratch) / f"{task}.jsonl"
+            write_records(data_file, documents[task])
+            spec = load_yaml(TASKS_DIR / f"{task}.yaml")
+            spec["dataset_kwargs"] = {"data_files": {"test": str(data_file)}}
+            if task == "sftdpo_generation":
+                spec["generation_kwargs"] = {"until": [tokenizer.eos_token], "do_sample": False,
+                                             "max_gen_toks": params.eval.max_new_tokens}
+            specs.append(spec)
+        results = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model), "dtype": params.model.dtype,
+                        "trust_remote_code": params.model.trust_remote_code},
+            tasks=specs,
+            task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+            batch_size=params.eval.batch_size,
+            limit=params.eval.limit,
+            device="cuda" if has_cuda() else "cpu",
+            log_samples=False,
+        )["results"]
+    scores = {
+        name: results[task][f"{metric},none"]
+        for (task, metric), name in REPORTED.items()
+        if task in results and f"{metric},none" in results[task]
+    }
+    write_json(out, scores)
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", type=Path, required=True, help="a model folder")
+    parser.add_argument("--eval-pairs", type=Path, required=True)
+    parser.add_argument("--sft-heldout", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="JSON {metric: value}")
+    args = parser.parse_args()
+    params = stage_params(args.params)
+    scores = evaluate_model(params, args.model, args.eval_pairs, args.sft_heldout, args.out)
+    print(f"{args.model}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Stage `report`: one `metrics/eval.json` as `{model: {metric: value}}` and the printed table.
+
+Models in pipeline order: `sft`, each round, `merged`. Rounds the collapse guard marked are
+flagged in the table. `python -m tasks.report --print-only` prints the table of the last run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tasks.common import read_json, stage_params, write_json
+from tasks.config import Params
+
+COLUMNS = ("preference_accuracy", "task_accuracy", "correct", "polite", "perplexity")
+
+
+def collect(params: Params, evals: Path) -> dict[str, dict[str, float]]:
+    names = ["sft", *params.dpo.rounds, "merged"]
+    missing = [name for name in names if not (evals / f"{name}.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no evaluation for {', '.join(missing)} in {evals}")
+    return {name: read_json(evals / f"{name}.json") for name in names}
+
+
+def guard_notes(params: Params, metrics: Path) -> dict[str, str]:
+    notes = {}
+    for name in params.dpo.rounds:
+        path = metrics / f"dpo_{name}.json"
+        if path.exists():
+            round_metrics = read_json(path)
+            notes[name] = "FAILED-QUALITY" if round_metrics["quality"] != "ok" else "ok"
+    return notes
+
+
+def table(scores: dict[str, dict[str, float]], notes: dict[str, str]) -> str:
+    columns = [c for c in COLUMNS if any(c in row for row in scores.values())]
+    header = f"{'model':<8}" + "".join(f"{c:>21}" for c in columns) + f"{'guard':>16}"
+    lines = [header, "-" * len(header)]
+    for name, row in scores.items():
+        cells = "".join(f"{row[c]:>21.4f}" if c in row else f"{'-':>21}" for c in columns)
+        lines.append(f"{name:<8}{cells}{notes.get(name, ''):>16}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--evals", type=Path, default=Path("metrics/eval"), help="folder of per-model evaluations")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="folder of the rounds' metrics")
+    parser.add_argument("--out", type=Path, default=Path("metrics/eval.json"))
+    parser.add_argument("--print-only", action="store_true", help="print the table of --out without rebuilding it")
+    args = parser.parse_args()
+    params = stage_params(args.params)
+    scores = read_json(args.out) if args.print_only else collect(params, args.evals)
+    if not args.print_only:
+        write_json(args.out, scores)
+    notes = guard_notes(params, args.metrics)
+    print(table(scores, notes))
+    failed = [name for name, note in notes.items() if note != "ok"]
+    if failed:
+        print(f"\nWARNING: the collapse guard marked {', '.join(failed)} as failed-quality; see metrics/dpo_<round>.json")
+
+
+if __name__ == "__main__":
+    main()
