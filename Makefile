@@ -1,0 +1,45 @@
+# Two commands: `make demo` (run the whole pipeline on the built-in CPU default) and `make test`.
+# Both create .venv on first use and install the locked dependencies, torch first so pip never
+# pulls a CUDA build on a CPU-only machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site_cache
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: demo test install check-tools params-reference clean
+
+check-tools:
+	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
+	@command -v git >/dev/null || { echo "git is missing: install git (e.g. apt-get install git)"; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "python3 venv is missing: install it (e.g. apt-get install python3-venv)"; exit 1; }
+
+$(STAMP): requirements.lock pyproject.toml | check-tools
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m tasks.config --params params.yaml
+	$(BIN)/dvc repro
+	@echo
+	@$(BIN)/python -m tasks.report --params params.yaml --print-only
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+params-reference: $(STAMP)
+	@$(BIN)/python -m tasks.config --markdown
+
+clean:
+	rm -rf models data/prepared checkpoints logs plots metrics .dvc/site_cache

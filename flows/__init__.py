@@ -1,0 +1,1 @@
+"""Prefect orchestration of the DVC pipeline (flow and deployment `sft-dpo`): see README."""
