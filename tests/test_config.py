@@ -1,0 +1,74 @@
+"""tasks/config.py: every bad param gets one message naming file:line and key; README stays in sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.config import ParamsError, load_params, params_reference_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path: Path, edit) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def test_shipped_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert list(params.dpo.rounds) == ["r1", "r2"] and params.dpo.final_round == "r2"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda p: p["dpo"]["loss"].update(beta=0), "dpo.loss.beta: Input should be greater than 0"),
+        (lambda p: p["dpo"]["train"].update(learning_rate=-1e-4), "dpo.train.learning_rate: Input should be greater than 0"),
+        (lambda p: p["sft"]["lora"].update(r=0), "sft.lora.r: Input should be greater than or equal to 1"),
+        (lambda p: p["dpo"].update(rounds={}), "dpo.rounds: Dictionary should have at least 1 item"),
+        (lambda p: p["dpo"]["loss"].update(types=["sigmoid", "kto"]), "dpo.loss.types.1: Input should be 'sigmoid'"),
+        (lambda p: p["dpo"].update(betaa=0.1), "dpo.betaa: unknown key"),
+        (lambda p: p["sft"]["train"].update(batch_size="eight"), "sft.train.batch_size: Input should be a valid integer"),
+        (lambda p: p["dpo"]["rounds"]["r2"].update(previous="sft"), "round r2: previous must be 'r1'"),
+        (lambda p: p["dpo"]["loss"].update(weights=[1.0, 0.5]), "weights has 2 entries but types has 1"),
+    ],
+)
+def test_bad_param_names_key_and_line(tmp_path, edit, expected):
+    path = write_params(tmp_path, edit)
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    message = str(error.value)
+    assert expected in message
+    assert message.startswith(f"{path}:") and message.split(":")[1].isdigit(), message
+
+
+def test_overrides_are_validated_by_the_same_schema():
+    assert load_params(ROOT / "params.yaml", {"dpo.loss.beta": 0.3}).dpo.loss.beta == 0.3
+    with pytest.raises(ParamsError, match="dpo.loss.beta: Input should be greater than 0"):
+        load_params(ROOT / "params.yaml", {"dpo.loss.beta": -1})
+
+
+def test_invalid_params_stop_a_stage_before_it_writes(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_params(tmp_path, lambda p: p["dpo"]["loss"].update(beta=-1))
+    out = tmp_path / "base"
+    result = subprocess.run([sys.executable, "-m", "tasks.base", "--params", str(path), "--corpus",
+                             str(ROOT / "data/builtin/sft.jsonl"), "--out", str(out)], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode != 0 and "dpo.loss.beta" in result.stderr
+    assert not out.exists()
+
+
+def test_every_field_is_documented_and_readme_reference_is_current():
+    reference = params_reference_markdown()
+    assert "| None |" not in reference, "a schema field lacks a docstring"
+    readme = (ROOT / "README.md").read_text()
+    assert reference in readme, "README's params reference is stale: paste `make params-reference` into it"

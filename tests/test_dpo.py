@@ -1,0 +1,57 @@
+"""tasks/dpo.py on its own: Chinese conversational pairs through prepare -> reference log-probs -> DPO; the guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.config import GuardParams, load_params
+from tasks.dpo import distinct_trigram_ratio, guard_verdict, train_round
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chinese_pair(i: int) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": f"{i} 加 {i} 等于几？"}],
+        "chosen": [{"role": "assistant", "content": f"等于 {2 * i}。很高兴帮忙 🙂"}],
+        "rejected": [{"role": "assistant", "content": f"等于 {2 * i + 1}。"}],
+    }
+
+
+def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
+    from tasks.base import build_base
+    from tasks.pairs import prepare_pairs
+    from tasks.reference_logps import compute_reference_logps
+
+    raw = tmp_path / "zh.jsonl"
+    raw.write_text("".join(json.dumps(chinese_pair(i), ensure_ascii=False) + "\n" for i in range(12)), encoding="utf-8")
+    params = load_params(ROOT / "params.yaml", {"dpo.train.max_steps": 3, "dpo.train.batch_size": 4,
+                                                "dpo.guard.sanity_prompts": 2, "dpo.train.logging_steps": 1})
+    base = tmp_path / "base"
+    build_base(params.model, raw, base)
+    prepared = tmp_path / "pairs.jsonl"
+    report = prepare_pairs(params, raw, base, prepared, tmp_path / "report.json")
+    assert report["kept"] == 12 and report["dropped"] == 0
+    compute_reference_logps(params, base, prepared, prepared, tmp_path / "reflogps")
+    stored = [json.loads(line) for line in (tmp_path / "reflogps" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert stored[0]["chosen"][0]["content"] == "等于 0。很高兴帮忙 🙂" and stored[0]["ref_chosen_logps"] < 0
+    summary = train_round(params, "r1", base, tmp_path / "reflogps", tmp_path / "policy", tmp_path / "ckpt", None,
+                          tmp_path / "plots.json", tmp_path / "metrics.json")
+    assert summary["steps"] == 3
+    assert (tmp_path / "policy" / "model.safetensors").exists() and (tmp_path / "policy" / "adapter").is_dir()
+    assert json.loads((tmp_path / "metrics.json").read_text())["round"] == "r1"
+
+
+def test_guard_fires_on_chosen_logp_collapse_and_degenerate_generations():
+    guard = GuardParams(max_chosen_logp_drop=10.0, min_sanity_pass_rate=0.75)
+    assert guard_verdict(guard, drift=-2.0, pass_rate=1.0) == []
+    reasons = guard_verdict(guard, drift=-129.5, pass_rate=0.25)
+    assert len(reasons) == 2 and "129.50 nats" in reasons[0] and "25%" in reasons[1]
+
+
+def test_distinct_trigram_ratio_spots_repetition():
+    assert distinct_trigram_ratio([1, 2, 3, 4, 5]) == 1.0
+    assert distinct_trigram_ratio([7, 7, 7, 7, 7, 7, 7, 7]) == pytest.approx(1 / 6)

@@ -1,0 +1,93 @@
+"""tasks/prepare.py and tasks/pairs.py: bad lines are reported as file:line and nothing is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.config import load_params
+from tasks.records import DataError, read_records
+from tasks.pairs import prepare_pairs
+from tasks.prepare import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD_PAIR = {"prompt": "2+2?", "chosen": " 4", "rejected": " 5"}
+CHAT_PAIR = {"prompt": [{"role": "user", "content": "你好吗？"}], "chosen": [{"role": "assistant", "content": "很好 🙂"}],
+             "rejected": [{"role": "assistant", "content": "不好"}]}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from tasks.base import build_base
+
+    out = tmp_path_factory.mktemp("base") / "base"
+    build_base(load_params(ROOT / "params.yaml").model, ROOT / "data/builtin/sft.jsonl", out)
+    return out
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"prompt": "a", "chosen": "b"}), "missing field 'rejected'"),
+        (json.dumps({"prompt": "a", "chosen": "  ", "rejected": "c"}), "'chosen' is empty"),
+        (json.dumps({"prompt": "a", "chosen": "b", "rejected": "b"}), "'chosen' is identical to 'rejected'"),
+        (json.dumps({"prompt": "a", "chosen": 3, "rejected": "c"}), "'chosen' must be a string"),
+        (json.dumps(["a", "b"]), "expected a JSON object"),
+        (json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "score": 1}), "unknown field(s) score"),
+    ],
+)
+def test_each_bad_pair_line_is_reported_and_nothing_written(tmp_path, base, line, reason):
+    pairs = write_lines(tmp_path / "pairs.jsonl", [json.dumps(GOOD_PAIR), line])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(DataError) as error:
+        prepare_pairs(load_params(ROOT / "params.yaml"), pairs, base, out, tmp_path / "report.json")
+    assert f"{pairs}:2: {reason}" in str(error.value)
+    assert not out.exists() and not (tmp_path / "report.json").exists()
+
+
+def test_bad_sft_lines_fail_prepare_with_every_line_listed(tmp_path, base):
+    sft = write_lines(tmp_path / "sft.jsonl", [
+        json.dumps({"prompt": "a", "completion": "b"}),
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+        json.dumps({"prompt": "a"}),
+    ])
+    out = tmp_path / "prepared"
+    with pytest.raises(DataError) as error:
+        prepare(load_params(ROOT / "params.yaml"), sft, ROOT / "data/builtin/eval_pairs.jsonl", base, out,
+                tmp_path / "report.json")
+    assert f"{sft}:2: 'messages' has no assistant message" in str(error.value)
+    assert f"{sft}:3: missing field 'completion'" in str(error.value)
+    assert not out.exists()
+
+
+def test_drop_policy_drops_within_budget_and_reports_why(tmp_path, base):
+    rows = [json.dumps({**GOOD_PAIR, "prompt": f"{i} plus {i}?"}) for i in range(30)] + ["oops", json.dumps(GOOD_PAIR) * 1]
+    rows.append(json.dumps(GOOD_PAIR))  # a duplicate
+    pairs = write_lines(tmp_path / "pairs.jsonl", rows)
+    params = load_params(ROOT / "params.yaml", {"data.on_bad_lines": "drop", "data.max_bad_fraction": 0.1})
+    report = prepare_pairs(params, pairs, base, tmp_path / "out.jsonl", tmp_path / "report.json")
+    assert report["dropped"] == 1 and report["dropped_reasons"] == {"not valid JSON (Expecting value)": 1}
+    assert report["duplicates_removed"] == 1 and report["kept"] == 31
+    strict = load_params(ROOT / "params.yaml", {"data.on_bad_lines": "drop", "data.max_bad_fraction": 0.01})
+    with pytest.raises(DataError, match="more than data.max_bad_fraction"):
+        prepare_pairs(strict, pairs, base, tmp_path / "out2.jsonl", tmp_path / "report2.json")
+
+
+def test_report_counts_truncation_and_token_lengths(tmp_path, base):
+    long_pair = {**GOOD_PAIR, "chosen": " four" * 200}
+    pairs = write_lines(tmp_path / "pairs.jsonl", [json.dumps(GOOD_PAIR), json.dumps(long_pair)])
+    report = prepare_pairs(load_params(ROOT / "params.yaml"), pairs, base, tmp_path / "out.jsonl", tmp_path / "r.json")
+    assert report["truncated_rows"] == 1 and report["tokens_max"] > report["max_length"]
+
+
+def test_conversational_chinese_and_emoji_pairs_are_valid(tmp_path):
+    result = read_records(write_lines(tmp_path / "zh.jsonl", [json.dumps(CHAT_PAIR, ensure_ascii=False)]), "pairs")
+    assert not result.bad and result.rows == [CHAT_PAIR]
