@@ -9,7 +9,6 @@ checkpoint when params and data are unchanged.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 from tasks.common import (
@@ -25,10 +24,7 @@ from tasks.common import (
     write_json,
 )
 from tasks.config import Params
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+from tasks.merge import file_digest
 
 
 def losses(history: list[dict], key: str = "loss") -> list[float]:
