@@ -18,6 +18,14 @@ from typing import Any, Iterator
 from tasks.config import BUILTIN, ModelParams, Params, ParamsError, TrainingParams, load_params
 
 BASE_SOURCE_FILE = "source.json"
+BAD_INPUT_EXIT = 2
+"""Exit status of a stage refused its input (params, data, arguments): retrying cannot help."""
+
+
+def exit_bad_input(message: str) -> None:
+    """Stop a stage whose input is wrong, with the message and the exit status orchestrators do not retry."""
+    print(message, file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT)
 
 
 def stage_params(path: str | Path) -> Params:
@@ -25,7 +33,7 @@ def stage_params(path: str | Path) -> Params:
     try:
         return load_params(path)
     except ParamsError as error:
-        sys.exit(f"invalid params:\n{error}")
+        exit_bad_input(f"invalid params:\n{error}")
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ README's params reference from it (a test keeps the two in sync).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -251,6 +253,41 @@ class EvalParams(Section):
     """lm-eval tasks from `tasks/lm_eval_tasks/` to run on every model."""
 
 
+class NextRoundParams(Section):
+    cron: str | None = None
+    """Cron schedule of the `sft-dpo/next-round` deployment (e.g. `0 3 * * *`); null serves it unscheduled."""
+    timezone: str = "UTC"
+    """Time zone the cron schedule is read in."""
+    pairs: str = "data/builtin/pairs_{round}.jsonl"
+    """Where an appended round's fresh pairs come from; `{round}` becomes its name (`r3`). No such file: nothing is trained."""
+    reference: Literal["sft", "previous"] = SFT_POLICY
+    """Reference of an appended round: the frozen SFT snapshot, or the policy the round starts from."""
+
+    @model_validator(mode="after")
+    def _schedule_parses(self) -> "NextRoundParams":
+        if "{round}" not in self.pairs:
+            raise ValueError(f"pairs {self.pairs!r} must contain {{round}} so each round reads its own file")
+        if self.cron is not None:
+            # Prefect's own schedule model, so a schedule that validates here is one the deployment accepts.
+            from prefect.client.schemas.schedules import CronSchedule
+
+            try:
+                CronSchedule(cron=self.cron, timezone=self.timezone)
+            except ValueError as error:
+                reason = error.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ValueError(f"cron {self.cron!r} / timezone {self.timezone!r}: {reason}") from None
+        return self
+
+
+class OrchestrationParams(Section):
+    retries: int = Field(2, ge=0)
+    """Times the Prefect flow re-runs a failed stage before failing (a stage that refuses its input is never retried)."""
+    retry_delay_seconds: float = Field(30.0, ge=0)
+    """Wait before each retry of a failed stage."""
+    next_round: NextRoundParams = NextRoundParams()
+    """The `sft-dpo/next-round` deployment: its schedule and where each new round's data comes from."""
+
+
 class Params(Section):
     data: DataParams = DataParams()
     """Input data and how it is validated and split."""
@@ -266,6 +303,8 @@ class Params(Section):
     """The standalone exported model."""
     eval: EvalParams = EvalParams()
     """lm-eval evaluation of every model."""
+    orchestration: OrchestrationParams = OrchestrationParams()
+    """The Prefect flows (no stage reads these, so changing them re-runs nothing)."""
 
     @model_validator(mode="after")
     def _quantization_needs_lora(self) -> "Params":
@@ -299,15 +338,48 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
-def _describe(error: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> str:
+def schema_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts (round entries as `dpo.rounds.<name>.*`)."""
+    model = model or Params
+    keys = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            keys.extend(schema_keys(annotation, key + "."))
+        elif name == "rounds":
+            keys.extend(schema_keys(RoundParams, key + ".<name>."))
+    return keys
+
+
+def _suggestion(key: str) -> str:
+    import difflib
+
+    known = schema_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [candidate for candidate in known if candidate.rsplit(".", 1)[-1] == leaf]
+    close = same_leaf or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _describe(error: ValidationError, source: str, lines: dict[tuple[str, ...], int],
+              overridden: tuple[str, ...] = ()) -> str:
     messages = []
     for item in error.errors():
         path = tuple(str(part) for part in item["loc"])
         key = ".".join(path) or "(top level)"
+        override = next((name for name in overridden if key == name or key.startswith(name + ".")), None)
+        inside = next((name for name in overridden if name.startswith(key + ".")), None)
         line = next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
-        where = f"{source}:{line}" if line else source
-        got = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item['input']!r})"
-        reason = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        where = "override" if override else f"{source}:{line}" if line else source
+        if inside:
+            where += f" with override {inside}"
+        # A section-level check's input is the whole section: its message already names the culprit.
+        quiet = item["type"] in ("missing", "extra_forbidden") or isinstance(item["input"], dict)
+        got = "" if quiet else f" (got {item['input']!r})"
+        reason = "unknown key" + _suggestion(key) if item["type"] == "extra_forbidden" else item["msg"]
+        reason = reason.removeprefix("Value error, ")
         messages.append(f"{where}: {key}: {reason}{got}")
     return "\n".join(messages)
 
@@ -328,13 +400,14 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return result
 
 
-def validate(raw: Any, source: str = "params.yaml", text: str | None = None) -> Params:
+def validate(raw: Any, source: str = "params.yaml", text: str | None = None,
+             overridden: tuple[str, ...] = ()) -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
-        raise ParamsError(_describe(error, source, _key_lines(text) if text else {})) from None
+        raise ParamsError(_describe(error, source, _key_lines(text) if text else {}, overridden)) from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -347,7 +420,82 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return validate(raw, str(path), text)
+    return validate(raw, str(path), text, tuple(overrides or ()))
+
+
+def extended_rounds(params: Params, count: int) -> dict[str, dict[str, str]]:
+    """The rounds mapping cut or extended to `count` rounds, as raw params.
+
+    Appended rounds are named `r<K>`, start from the round before, and read their pairs from
+    `orchestration.next_round.pairs`.
+    """
+    if count < 1:
+        raise ParamsError(f"rounds: need at least 1 round (got {count})")
+    rounds = {name: spec.model_dump() for name, spec in list(params.dpo.rounds.items())[:count]}
+    plan = params.orchestration.next_round
+    while len(rounds) < count:
+        previous = list(rounds)[-1]
+        name = f"r{len(rounds) + 1}"
+        if name in rounds:
+            raise ParamsError(f"dpo.rounds: cannot append {name}: the name is taken (rename the rounds r1, r2, ...)")
+        reference = SFT_POLICY if plan.reference == SFT_POLICY else previous
+        rounds[name] = {"previous": previous, "reference": reference, "pairs": plan.pairs.format(round=name)}
+    return rounds
+
+
+def write_params(path: str | Path, overrides: dict[str, Any]) -> None:
+    """Set dotted keys in params.yaml in place, keeping its comments, order and flow style.
+
+    A mapping value replaces the mapping it lands on key by key, so untouched entries keep their layout.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    path = Path(path)
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    yaml_rt.representer.add_representer(
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+    document = yaml_rt.load(path.read_text(encoding="utf-8"))
+    for dotted, value in overrides.items():
+        node = document
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, CommentedMap())
+        if isinstance(value, dict) and isinstance(node.get(leaf), CommentedMap):
+            _replace_mapping(node[leaf], value)
+        else:
+            node[leaf] = value
+    with atomic_text(path) as handle:
+        yaml_rt.dump(document, handle)
+
+
+def _replace_mapping(target, value: dict[str, Any]) -> None:
+    from ruamel.yaml.comments import CommentedMap
+
+    flow = [child.fa.flow_style() for child in target.values() if isinstance(child, CommentedMap)]
+    for key in [key for key in target if key not in value]:
+        del target[key]
+    for key, item in value.items():
+        if isinstance(item, dict) and not (isinstance(target.get(key), dict) and target[key] == item):
+            mapping = CommentedMap(item)
+            if flow and flow[-1]:
+                mapping.fa.set_flow_style()
+            target[key] = mapping
+        elif not isinstance(item, dict):
+            target[key] = item
+
+
+@contextlib.contextmanager
+def atomic_text(path: Path):
+    """Write a text file through a sibling temporary file so readers never see half of it."""
+    scratch = path.with_name(f".{path.name}.tmp")
+    try:
+        with scratch.open("w", encoding="utf-8") as handle:
+            yield handle
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:

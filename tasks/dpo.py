@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tasks.common import (
     atomic_path,
+    exit_bad_input,
     load_model,
     load_tokenizer,
     log_history_callback,
@@ -197,14 +198,14 @@ def main() -> None:
     args = parser.parse_args()
     params = stage_params(args.params)
     if args.round not in params.dpo.rounds:
-        sys.exit(f"--round {args.round}: not a key of dpo.rounds ({', '.join(params.dpo.rounds)})")
+        exit_bad_input(f"--round {args.round}: not a key of dpo.rounds ({', '.join(params.dpo.rounds)})")
     summary = train_round(params, args.round, args.policy, args.reference_logps, args.out, args.checkpoints,
                           args.logs, args.plots, args.metrics)
     print(json.dumps({k: v for k, v in summary.items() if k != "sanity_examples"}, indent=2))
     if summary["guard_reasons"]:
         shout(args.round, summary["guard_reasons"])
         if params.dpo.guard.fail_run:
-            sys.exit(f"round {args.round} failed the collapse guard (dpo.guard.fail_run: true)")
+            exit_bad_input(f"round {args.round} failed the collapse guard (dpo.guard.fail_run: true)")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ generation and judging) can replace this stage without touching the DPO stages.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from tasks.common import atomic_path, load_tokenizer, resolve_base, stage_params, write_json
+from tasks.common import atomic_path, exit_bad_input, load_tokenizer, resolve_base, stage_params, write_json
 from tasks.config import Params
 from tasks.records import DataError, enforce_bad_line_policy, file_report, read_records, token_length_report, write_records
 
@@ -39,7 +38,7 @@ def main() -> None:
     try:
         summary = prepare_pairs(params, args.pairs, args.base, args.out, args.report)
     except DataError as error:
-        sys.exit(f"bad data:\n{error}")
+        exit_bad_input(f"bad data:\n{error}")
     print(f"{args.pairs}: kept {summary['kept']} of {summary['lines']} lines, dropped {summary['dropped']}, "
           f"duplicates {summary['duplicates_removed']}, truncated {summary['truncated_rows']}")
 

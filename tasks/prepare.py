@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from pathlib import Path
 
-from tasks.common import atomic_path, load_tokenizer, resolve_base, stage_params, write_json
+from tasks.common import atomic_path, exit_bad_input, load_tokenizer, resolve_base, stage_params, write_json
 from tasks.config import Params
 from tasks.records import (
     DataError,
@@ -83,7 +82,7 @@ def main() -> None:
     try:
         summary = prepare(params, args.sft, args.eval_pairs, args.base, args.out, args.report)
     except DataError as error:
-        sys.exit(f"bad data:\n{error}")
+        exit_bad_input(f"bad data:\n{error}")
     for name, section in summary.items():
         print(f"{name}: kept {section['kept']} of {section['lines']} lines, dropped {section['dropped']}, "
               f"duplicates {section['duplicates_removed']}, truncated {section['truncated_rows']}")
