@@ -11,8 +11,14 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site_cache
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+# Prefect: a server on loopback with its SQLite database in .prefect/ (see prefect.toml).
+PREFECT_HOST ?= 127.0.0.1
+PREFECT_PORT ?= 4200
+export PREFECT_HOST PREFECT_PORT
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo test install check-tools params-reference clean
+.PHONY: demo test install check-tools params-reference clean serve stop run
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -37,6 +43,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# `make serve`: server + served deployments in the foreground (Ctrl-C stops both);
+# `make serve DETACH=1`: in the background, stopped by `make stop`.
+serve: $(STAMP)
+	$(BIN)/python -m flows.serve $(if $(DETACH),--detach)
+
+stop: $(STAMP)
+	$(BIN)/python -m flows.serve --stop
+
+run: $(STAMP)
+	$(BIN)/prefect deployment run sft-dpo/sft-dpo --watch
 
 params-reference: $(STAMP)
 	@$(BIN)/python -m tasks.config --markdown

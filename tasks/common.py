@@ -188,16 +188,14 @@ def resume_checkpoint(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> str 
     return None
 
 
-def log_history_callback(rows: list[dict[str, Any]]):
-    """A TrainerCallback that appends every logged dict (with its step) to `rows`."""
-    from transformers import TrainerCallback
+def logged_history(trainer) -> list[dict[str, Any]]:
+    """Every logged dict of the run, with its step, numbers only.
 
-    class LogHistory(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
-                rows.append({"step": state.global_step, **{k: float(v) for k, v in logs.items() if _is_number(v)}})
-
-    return LogHistory()
+    Read from the trainer's state rather than collected by a callback, so that a run resumed from a
+    checkpoint still reports the losses logged before the interruption.
+    """
+    return [{"step": entry.get("step", 0), **{k: float(v) for k, v in entry.items() if _is_number(v)}}
+            for entry in trainer.state.log_history]
 
 
 def _is_number(value: Any) -> bool:

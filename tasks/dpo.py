@@ -19,7 +19,7 @@ from tasks.common import (
     exit_bad_input,
     load_model,
     load_tokenizer,
-    log_history_callback,
+    logged_history,
     lora_config,
     resume_checkpoint,
     save_policy,
@@ -116,7 +116,6 @@ def train_round(params: Params, name: str, policy: Path, reference_logps: Path, 
         label_smoothing=loss.label_smoothing,
         eval_strategy="no",
     )
-    history: list[dict] = []
     trainer = stored_reference_trainer_class()(
         model=model,
         ref_model=None,
@@ -125,10 +124,10 @@ def train_round(params: Params, name: str, policy: Path, reference_logps: Path, 
         eval_dataset=data["eval"],
         processing_class=tokenizer,
         peft_config=lora_config(params.dpo.lora) if lora else None,
-        callbacks=[log_history_callback(history)],
     )
     trainer.train(resume_from_checkpoint=resume)
     evaluation = trainer.evaluate()
+    history = logged_history(trainer)
 
     with atomic_path(out) as scratch:
         if lora:

@@ -15,7 +15,7 @@ from tasks.common import (
     atomic_path,
     load_model,
     load_tokenizer,
-    log_history_callback,
+    logged_history,
     lora_config,
     resolve_base,
     resume_checkpoint,
@@ -56,7 +56,6 @@ def train_sft(params: Params, base: Path, train: Path, heldout: Path, out: Path,
         eval_strategy="no",
         packing=False,
     )
-    history: list[dict] = []
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -64,10 +63,10 @@ def train_sft(params: Params, base: Path, train: Path, heldout: Path, out: Path,
         eval_dataset=data["heldout"],
         processing_class=tokenizer,
         peft_config=lora_config(params.sft.lora) if params.sft.method == "lora" else None,
-        callbacks=[log_history_callback(history)],
     )
     trainer.train(resume_from_checkpoint=resume)
     evaluation = trainer.evaluate()
+    history = logged_history(trainer)
     with atomic_path(out) as scratch:
         trainer.save_model(str(scratch))
         tokenizer.save_pretrained(scratch)

@@ -1,0 +1,142 @@
+"""What the flows ask of DVC: the stage graph of dvc.yaml, which stages changed, running one stage.
+
+dvc.yaml stays the only declaration of stages and their dependencies; nothing here lists them.
+Stages run through the `dvc` command line so DVC records each one in dvc.lock exactly as
+`dvc repro` would, and its output can be streamed line by line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAN, SKIPPED, RESTORED = "Ran", "Skipped", "Restored"
+"""Outcomes of a stage: its command ran; nothing it depends on changed; DVC's run-cache restored its outputs."""
+
+_OUTCOME_LINES = (  # What `dvc repro` prints for each outcome (dvc/stage/run.py, cache.py, __init__.py).
+    (RAN, "Running stage '{}'"),
+    (RESTORED, "Stage '{}' is cached - skipping run"),
+    (SKIPPED, "Stage '{}' didn't change, skipping"),
+)
+_EXIT_STATUS = re.compile(r"exited with (-?\d+)")
+ERROR_TAIL_LINES = 25
+
+
+@dataclass(frozen=True)
+class StageGraph:
+    """The pipeline as DVC reads it from dvc.yaml (foreach stages expanded to `name@key`)."""
+
+    order: list[str]
+    """Stage names in an order that runs every stage after the stages it depends on."""
+    upstream: dict[str, set[str]]
+    """For each stage, the stages whose outputs it reads."""
+    metric_files: dict[str, list[str]]
+    """For each stage, its metrics and plots files (paths relative to the project)."""
+
+
+@dataclass
+class StageRun:
+    """One stage as the flow ran it."""
+
+    name: str
+    outcome: str
+    seconds: float = 0.0
+    exit_status: int = 0
+    output_tail: list[str] = field(default_factory=list)
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; the message carries the stage's own last lines of output."""
+
+    def __init__(self, name: str, exit_status: int, output_tail: list[str]):
+        self.name, self.exit_status, self.output_tail = name, exit_status, output_tail
+        super().__init__(f"stage {name} failed (exit status {exit_status}):\n" + "\n".join(output_tail))
+
+
+def read_graph(root: Path) -> StageGraph:
+    """Read dvc.yaml's stage graph, ordered topologically with ties kept in dvc.yaml's order."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        stages = list(repo.index.stages)
+        position = {stage.name: index for index, stage in enumerate(stages)}
+        # DVC's edges point from a stage to the stages it depends on.
+        dependencies = nx.relabel_nodes(repo.index.graph, lambda stage: stage.name)
+        order = list(nx.lexicographical_topological_sort(dependencies.reverse(), key=position.__getitem__))
+        upstream = {name: set(dependencies.successors(name)) for name in order}
+        metric_files = {
+            stage.name: [str(out.def_path) for out in stage.outs if out.metric or out.plot] for stage in stages
+        }
+    return StageGraph(order, upstream, metric_files)
+
+
+def changed_stages(root: Path) -> set[str]:
+    """Stages whose own dependencies, params or outputs differ from dvc.lock (`dvc status`)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        # Status is keyed by addresses relative to the working directory; map them back to stage names.
+        names = {stage.addressing: stage.name for stage in repo.index.stages}
+        return {names[address] for address in repo.status()}
+
+
+def stage_environment() -> dict[str, str]:
+    """The environment of a stage: this interpreter's tools first, unbuffered output, calm progress bars."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    # Progress bars redraw with carriage returns, which become one log line each; fewer redraws.
+    env.setdefault("TQDM_MININTERVAL", "10")
+    return env
+
+
+def run_stage(root: Path, name: str, on_line: Callable[[str], None]) -> StageRun:
+    """Run one stage with `dvc repro --single-item`, passing each output line to `on_line` as it comes."""
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", name]
+    tail: list[str] = []
+    outcome = SKIPPED
+    with subprocess.Popen(command, cwd=root, env=stage_environment(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace") as process:
+        for raw in process.stdout:
+            line = raw.rstrip()
+            if not line:
+                continue
+            on_line(line)
+            tail = (tail + [line])[-ERROR_TAIL_LINES:]
+            outcome = next((kind for kind, text in _OUTCOME_LINES if text.format(name) in line), outcome)
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        statuses = _EXIT_STATUS.findall("\n".join(tail))
+        raise StageFailed(name, int(statuses[-1]) if statuses else process.returncode, tail)
+    return StageRun(name, outcome, seconds)
+
+
+def save_experiment(root: Path, name: str, files: list[str]) -> str:
+    """Record the workspace (params.yaml, dvc.lock and the given metrics files) as a DVC experiment.
+
+    Returns the experiment's commit; `dvc exp show` lists every recorded run with its params and metrics.
+    """
+    include = [argument for path in files if (root / path).exists() for argument in ("--include-untracked", path)]
+    command = [sys.executable, "-m", "dvc", "exp", "save", "--name", name, "--force", *include]
+    result = subprocess.run(command, cwd=root, env=stage_environment(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc exp save failed:\n{result.stdout}{result.stderr}")
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    commits = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
+    if not commits:
+        raise RuntimeError(f"dvc exp save reported success but no experiment named {name} exists")
+    return commits[0]
+
+
+def is_git_repository(root: Path) -> bool:
+    result = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=root, capture_output=True, text=True)
+    return result.returncode == 0

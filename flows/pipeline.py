@@ -1,0 +1,211 @@
+"""The `sft-dpo` Prefect flow: dvc.yaml's stages, one Prefect task run each, in DVC's order.
+
+The flow holds no ML logic and no stage list. It validates the run's params, reads the stage graph
+from DVC, runs each stage with `dvc repro --single-item` (so DVC decides ran / skipped / restored
+from its run-cache and records dvc.lock), forwards every line of output to the run's logs, records
+the run as a DVC experiment and publishes the `eval-summary` and `run-report` artifacts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import Completed
+
+from flows.dvc_project import (
+    RESTORED,
+    SKIPPED,
+    StageFailed,
+    StageGraph,
+    StageRun,
+    changed_stages,
+    is_git_repository,
+    read_graph,
+    run_stage,
+    save_experiment,
+)
+from flows.reports import changed_params, eval_summary_rows, guard_warnings, read_scores, run_report_markdown
+from tasks.common import BAD_INPUT_EXIT
+from tasks.config import ParamsError, Params, apply_overrides, extended_rounds, load_params, write_params
+
+FLOW_NAME = "sft-dpo"
+PARAMS_FILE = "params.yaml"
+SUMMARY_STAGE = "report"
+"""The stage whose metrics file is the `{model: {metric: value}}` table shown as `eval-summary`."""
+NO_FRESH_DATA = "No fresh data"
+
+
+@dataclass
+class RunPlan:
+    """What a run changes in params.yaml, validated by the schema before any stage starts."""
+
+    params: Params
+    lasting: dict[str, Any] = field(default_factory=dict)
+    """Changes kept after a successful run (the round `next_round` appends)."""
+    this_run: dict[str, Any] = field(default_factory=dict)
+    """Overrides for this run only; params.yaml is restored afterwards."""
+    missing_fresh_data: str | None = None
+    """Set when `next_round` found no pairs file for the new round: nothing is trained."""
+
+
+def plan_run(path: Path, overrides: dict[str, Any], rounds: int | None, next_round: bool) -> RunPlan:
+    """Validate the run's overrides, round count and next-round request against params.yaml."""
+    if next_round and rounds is not None:
+        raise ParamsError("give either rounds or next_round, not both")
+    lasting: dict[str, Any] = {}
+    if next_round:
+        current = load_params(path)
+        extended = extended_rounds(current, len(current.dpo.rounds) + 1)
+        new_round, spec = list(extended.items())[-1]
+        if not (path.parent / spec["pairs"]).exists():
+            message = (f"no fresh preference data for round {new_round} ({spec['pairs']} does not exist; "
+                       "orchestration.next_round.pairs): nothing to train")
+            return RunPlan(current, missing_fresh_data=message)
+        lasting = {"dpo.rounds": extended}
+    this_run = dict(overrides)
+    if rounds is not None:
+        this_run["dpo.rounds"] = extended_rounds(load_params(path, {**lasting, **this_run}), rounds)
+    params = load_params(path, {**lasting, **this_run})
+    missing = [f"dpo.rounds.{name}.pairs: {spec.pairs} does not exist" for name, spec in params.dpo.rounds.items()
+               if not (path.parent / spec.pairs).exists()]
+    if missing:
+        raise ParamsError("\n".join(missing))
+    return RunPlan(params, lasting, this_run)
+
+
+@contextlib.contextmanager
+def params_applied(path: Path, plan: RunPlan) -> Iterator[None]:
+    """params.yaml as the run needs it; afterwards only lasting changes of a successful run remain."""
+    original = path.read_text(encoding="utf-8")
+    if plan.lasting:
+        write_params(path, plan.lasting)
+    kept = path.read_text(encoding="utf-8")
+    if plan.this_run:
+        write_params(path, plan.this_run)
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        final = kept if succeeded else original
+        if path.read_text(encoding="utf-8") != final:
+            path.write_text(final, encoding="utf-8")
+
+
+def _forward(logger, line: str) -> None:
+    level = "error" if line.startswith("ERROR") else "warning" if line.startswith("WARNING") else "info"
+    getattr(logger, level)(line)
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry failures that may pass next time (a lock, memory, a flaky disk), not a refused input."""
+    error = state.result(raise_on_failure=False)
+    return not (isinstance(error, StageFailed) and error.exit_status == BAD_INPUT_EXIT)
+
+
+@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False,
+      retry_condition_fn=_retry_unless_bad_input)
+def dvc_stage(project: str, name: str, may_have_changed: bool):
+    """One stage of dvc.yaml. The task run's state is named after the outcome: Ran, Skipped or Restored."""
+    logger = get_run_logger()
+    if not may_have_changed:
+        logger.info("%s: dvc status shows no change and no stage it reads from ran; not started", name)
+        return Completed(name=SKIPPED, message="nothing changed", data=StageRun(name, SKIPPED))
+    run = run_stage(Path(project), name, on_line=lambda line: _forward(logger, line))
+    logger.info("%s: %s in %.1f s", name, run.outcome, run.seconds)
+    return Completed(name=run.outcome, message=f"{run.outcome} in {run.seconds:.1f} s", data=run)
+
+
+def run_stages(root: Path, graph: StageGraph, params: Params) -> tuple[list[StageRun], StageFailed | None]:
+    """Every stage in order until one fails; a stage DVC reports unchanged, whose inputs no stage touched, is not started."""
+    stage_task = dvc_stage.with_options(retries=params.orchestration.retries,
+                                        retry_delay_seconds=params.orchestration.retry_delay_seconds)
+    changed = changed_stages(root)
+    executed: set[str] = set()
+    runs: list[StageRun] = []
+    for name in graph.order:
+        started = time.perf_counter()
+        may_have_changed = name in changed or bool(graph.upstream[name] & executed)
+        state = stage_task(str(root), name, may_have_changed, return_state=True)
+        if state.is_failed() or state.is_crashed():
+            error = state.result(raise_on_failure=False)
+            runs.append(StageRun(name, "Failed", time.perf_counter() - started))
+            if not isinstance(error, StageFailed):
+                raise error
+            return runs, error
+        run = state.result()
+        runs.append(run)
+        if run.outcome != SKIPPED:
+            executed.add(name)
+    return runs, None
+
+
+def _metrics(root: Path, graph: StageGraph) -> dict[str, Any]:
+    files = [path for paths in graph.metric_files.values() for path in paths if path.endswith(".json")]
+    return {path: yaml.safe_load((root / path).read_text()) for path in files if (root / path).is_file()}
+
+
+def _record(root: Path, graph: StageGraph) -> tuple[str | None, str]:
+    if not is_git_repository(root):
+        return None, "Not recorded: the project is not a git repository with a commit (`git init && git commit`)."
+    name = f"{flow_run.name}-{flow_run.id[:8]}"
+    commit = save_experiment(root, name, [path for paths in graph.metric_files.values() for path in paths])
+    return name, f"Experiment commit `{commit[:12]}` holds this run's params.yaml, dvc.lock and metrics."
+
+
+@flow(name=FLOW_NAME, persist_result=False)
+def sft_dpo(overrides: dict[str, Any] | None = None, rounds: int | None = None, next_round: bool = False,
+            project: str = "."):
+    """Run the SFT → DPO pipeline of dvc.yaml stage by stage.
+
+    Args:
+        overrides: params.yaml keys for this run only, e.g. `{"dpo.loss.beta": 0.2}`; validated first.
+        rounds: number of DPO rounds for this run (appended rounds read `orchestration.next_round.pairs`).
+        next_round: append the next round to params.yaml's rounds (kept once the run succeeds) and run it.
+        project: the project folder (holding dvc.yaml and params.yaml).
+    """
+    started = time.perf_counter()
+    logger = get_run_logger()
+    root = Path(project).resolve()
+    params_path = root / PARAMS_FILE
+    original = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    plan = plan_run(params_path, overrides or {}, rounds, next_round)
+    if plan.missing_fresh_data:
+        logger.info(plan.missing_fresh_data)
+        create_markdown_artifact(key="run-report", markdown=f"## {NO_FRESH_DATA}\n\n{plan.missing_fresh_data}\n",
+                                 description="Stage outcomes of the sft-dpo run")
+        return Completed(name=NO_FRESH_DATA, message=plan.missing_fresh_data)
+    experiment, notes = None, []
+    with params_applied(params_path, plan):
+        graph = read_graph(root)
+        summary_file = root / graph.metric_files[SUMMARY_STAGE][0]
+        previous_scores = read_scores(summary_file)
+        runs, failure = run_stages(root, graph, plan.params)
+        if failure is None:
+            experiment, note = _record(root, graph)
+            notes.append(note)
+        metrics = _metrics(root, graph)
+    report = run_report_markdown(
+        runs, flow_seconds=time.perf_counter() - started, failure=str(failure) if failure else None,
+        params_changes=changed_params(original, apply_overrides(original, {**plan.lasting, **plan.this_run})),
+        warnings=guard_warnings(metrics), experiment=experiment, notes=notes)
+    create_markdown_artifact(key="run-report", markdown=report, description="Stage outcomes of the sft-dpo run")
+    if failure is not None:
+        raise failure
+    create_table_artifact(key="eval-summary", table=eval_summary_rows(read_scores(summary_file), previous_scores),
+                          description="Eval metrics per model (change since the previous run)")
+    outcomes = {run.name: run.outcome for run in runs}
+    ran = [name for name, outcome in outcomes.items() if outcome != SKIPPED]
+    restored = [name for name, outcome in outcomes.items() if outcome == RESTORED]
+    logger.info("%d stages: %d ran or restored (%s), %d restored from run-cache", len(runs), len(ran),
+                ", ".join(ran) or "none", len(restored))
+    return {"stages": outcomes, "experiment": experiment}
