@@ -126,7 +126,8 @@ def save_experiment(root: Path, name: str, files: list[str]) -> str:
     """
     include = [argument for path in files if (root / path).exists() for argument in ("--include-untracked", path)]
     command = [sys.executable, "-m", "dvc", "exp", "save", "--name", name, "--force", *include]
-    result = subprocess.run(command, cwd=root, env=stage_environment(), capture_output=True, text=True)
+    result = subprocess.run(command, cwd=root, env=_with_git_identity(root, stage_environment()),
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"dvc exp save failed:\n{result.stdout}{result.stderr}")
     refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"], cwd=root,
@@ -135,6 +136,36 @@ def save_experiment(root: Path, name: str, files: list[str]) -> str:
     if not commits:
         raise RuntimeError(f"dvc exp save reported success but no experiment named {name} exists")
     return commits[0]
+
+
+def _with_git_identity(root: Path, env: dict[str, str]) -> dict[str, str]:
+    """Experiment commits need an author; where git has none configured (a CI box), name the flow."""
+    for key in ("name", "email"):
+        configured = subprocess.run(["git", "config", f"user.{key}"], cwd=root, capture_output=True, text=True)
+        if not configured.stdout.strip():
+            value = "sft-dpo flow" if key == "name" else "sft-dpo@localhost"
+            for role in ("AUTHOR", "COMMITTER"):
+                env.setdefault(f"GIT_{role}_{key.upper()}", value)
+    return env
+
+
+def matching_experiment(root: Path, files: list[str]) -> tuple[str, str] | None:
+    """The newest recorded experiment whose params.yaml, dvc.lock and `files` equal the workspace's, if any.
+
+    A run that changed nothing need not be recorded again (`dvc exp save` costs seconds).
+    """
+    refs = subprocess.run(["git", "for-each-ref", "--sort=-committerdate", "--count=1",
+                           "--format=%(objectname) %(refname:lstrip=-1)", "refs/exps/"],
+                          cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    if not refs:
+        return None
+    commit, name = refs
+    tracked = ["params.yaml", "dvc.lock", *[path for path in files if (root / path).exists()]]
+    for path in tracked:
+        recorded = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True)
+        if recorded.returncode != 0 or recorded.stdout != (root / path).read_bytes():
+            return None
+    return name, commit
 
 
 def is_git_repository(root: Path) -> bool:

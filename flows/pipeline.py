@@ -29,6 +29,7 @@ from flows.dvc_project import (
     StageRun,
     changed_stages,
     is_git_repository,
+    matching_experiment,
     read_graph,
     run_stage,
     save_experiment,
@@ -63,7 +64,7 @@ def plan_run(path: Path, overrides: dict[str, Any], rounds: int | None, next_rou
         raise ParamsError("give either rounds or next_round, not both")
     lasting: dict[str, Any] = {}
     if next_round:
-        current = load_params(path)
+        current = load_params(path, overrides)
         extended = extended_rounds(current, len(current.dpo.rounds) + 1)
         new_round, spec = list(extended.items())[-1]
         if not (path.parent / spec["pairs"]).exists():
@@ -157,9 +158,15 @@ def _metrics(root: Path, graph: StageGraph) -> dict[str, Any]:
 def _record(root: Path, graph: StageGraph) -> tuple[str | None, str]:
     if not is_git_repository(root):
         return None, "Not recorded: the project is not a git repository with a commit (`git init && git commit`)."
+    files = [path for paths in graph.metric_files.values() for path in paths]
+    unchanged = matching_experiment(root, files)
+    if unchanged:
+        name, commit = unchanged
+        return name, f"Nothing changed since experiment `{name}` (commit `{commit[:12]}`); not recorded again."
     name = f"{flow_run.name}-{flow_run.id[:8]}"
-    commit = save_experiment(root, name, [path for paths in graph.metric_files.values() for path in paths])
-    return name, f"Experiment commit `{commit[:12]}` holds this run's params.yaml, dvc.lock and metrics."
+    commit = save_experiment(root, name, files)
+    return name, (f"Recorded as DVC experiment `{name}` (commit `{commit[:12]}`: this run's params.yaml, dvc.lock "
+                  "and metrics; `dvc exp show` lists every run).")
 
 
 @flow(name=FLOW_NAME, persist_result=False)
@@ -197,7 +204,7 @@ def sft_dpo(overrides: dict[str, Any] | None = None, rounds: int | None = None, 
     report = run_report_markdown(
         runs, flow_seconds=time.perf_counter() - started, failure=str(failure) if failure else None,
         params_changes=changed_params(original, apply_overrides(original, {**plan.lasting, **plan.this_run})),
-        warnings=guard_warnings(metrics), experiment=experiment, notes=notes)
+        warnings=guard_warnings(metrics), notes=notes)
     create_markdown_artifact(key="run-report", markdown=report, description="Stage outcomes of the sft-dpo run")
     if failure is not None:
         raise failure

@@ -56,8 +56,7 @@ def changed_params(before: dict[str, Any], after: dict[str, Any], prefix: str = 
 
 
 def run_report_markdown(runs: list[StageRun], *, flow_seconds: float, failure: str | None,
-                        params_changes: dict[str, tuple[Any, Any]], warnings: list[str],
-                        experiment: str | None, notes: list[str]) -> str:
+                        params_changes: dict[str, tuple[Any, Any]], warnings: list[str], notes: list[str]) -> str:
     """The `run-report` artifact: each stage's outcome and duration, what differed from params.yaml, guard warnings."""
     stage_seconds = sum(run.seconds for run in runs)
     overhead = max(flow_seconds - stage_seconds, 0.0)
@@ -72,7 +71,5 @@ def run_report_markdown(runs: list[StageRun], *, flow_seconds: float, failure: s
     lines += [f"- `{key}`: {old!r} → {new!r}" for key, (old, new) in params_changes.items()] or ["- none"]
     lines += ["", "### Collapse guard", ""]
     lines += [f"- ⚠ {warning}" for warning in warnings] or ["- no warnings"]
-    if experiment:
-        lines += ["", f"Recorded as DVC experiment `{experiment}` (`dvc exp show`)."]
     lines += [f"\n{note}" for note in notes]
     return "\n".join(lines) + "\n"

@@ -6,13 +6,22 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("tasks", "data/builtin", "data/generate.py", "dvc.yaml", "params.yaml")
+COPIED = ("tasks", "flows", "data/builtin", "data/generate.py", "dvc.yaml", "params.yaml", "prefect.toml")
+
+# Before Prefect is imported anywhere: no telemetry, and Prefect's files in a temporary folder, not the project's.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sftdpo-prefect-home-")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -40,8 +49,11 @@ def make_project(target: Path, edit_params=None) -> Path:
         edit_params(params)
         (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], target)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], target)
     run([sys.executable, "-m", "dvc", "init", "-q"], target)
+    shutil.copy(ROOT / ".dvc" / "config", target / ".dvc" / "config")
+    (target / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    run(["git", "add", "-A"], target)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init"], target)
     return target
 
 
@@ -64,3 +76,12 @@ def read_json(path: Path):
     import json
 
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """A temporary Prefect server and database for the flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

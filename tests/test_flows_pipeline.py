@@ -1,0 +1,172 @@
+"""flows/pipeline.py under prefect_test_harness: the micro pipeline run, re-run, overridden, broken and resumed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+import networkx as nx
+import pytest
+import yaml
+
+from conftest import make_project, micro
+from flows.dvc_project import RAN, RESTORED, SKIPPED, StageFailed, read_graph
+from flows.pipeline import NO_FRESH_DATA, sft_dpo
+from tasks.config import ParamsError
+
+FAST_RETRIES = {"orchestration.retries": 1, "orchestration.retry_delay_seconds": 0}
+
+
+def micro_flow(params: dict) -> None:
+    micro(params)
+    params["orchestration"]["retry_delay_seconds"] = 0
+
+
+@pytest.fixture(scope="session")
+def flow_project(harness, tmp_path_factory):
+    """The micro pipeline run once from scratch by the flow; returns (project, that run's stage outcomes)."""
+    project = make_project(tmp_path_factory.mktemp("flow"), micro_flow)
+    state = sft_dpo(project=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    return project, state.result()["stages"]
+
+
+def run_flow(project, **parameters):
+    return sft_dpo(project=str(project), return_state=True, **parameters)
+
+
+def task_runs(state) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            return await client.read_task_runs(flow_run_filter=flow_filter)
+
+    return asyncio.run(read())
+
+
+def latest_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                                sort=ArtifactSort.CREATED_DESC, limit=1)
+            return found[0]
+
+    return asyncio.run(read())
+
+
+def test_flow_runs_every_stage_of_the_dag_in_dependency_order(flow_project):
+    project, outcomes = flow_project
+    graph = read_graph(project)
+    assert list(outcomes) == graph.order and set(outcomes.values()) == {RAN}
+    position = {name: index for index, name in enumerate(outcomes)}
+    for name, upstream in graph.upstream.items():
+        assert all(position[before] < position[name] for before in upstream), name
+    dependencies = nx.DiGraph([(before, name) for name, ups in graph.upstream.items() for before in ups])
+    assert nx.is_directed_acyclic_graph(dependencies) and {"sft", "dpo@r2", "report"} <= set(dependencies)
+
+
+def test_second_run_skips_every_stage_and_publishes_the_dashboard(flow_project):
+    project, _ = flow_project
+    state = run_flow(project)
+    assert state.is_completed()
+    assert set(state.result()["stages"].values()) == {SKIPPED}
+    runs = task_runs(state)
+    assert len(runs) == len(read_graph(project).order) and {run.state.name for run in runs} == {SKIPPED}
+
+    summary = latest_artifact("eval-summary")
+    rows = json.loads(summary.data) if isinstance(summary.data, str) else summary.data
+    assert [row["model"] for row in rows] == ["sft", "r1", "r2", "merged"]
+    assert rows[0]["preference_accuracy"].endswith("(+0)")
+    report = latest_artifact("run-report").data
+    assert "| sft | Skipped |" in report and "Params that differ from params.yaml" in report
+
+
+def test_override_reruns_what_dvc_says_then_restores_from_run_cache(flow_project):
+    project, _ = flow_project
+    params_before = (project / "params.yaml").read_text()
+    override = {"eval.max_new_tokens": 12}
+
+    state = run_flow(project, overrides=override)
+    assert state.is_completed(), state.message
+    ran = {name for name, outcome in state.result()["stages"].items() if outcome != SKIPPED}
+    evals = {"eval_sft", "eval@r1", "eval@r2", "eval_merged"}
+    assert evals <= ran <= evals | {"report"}
+    assert (project / "params.yaml").read_text() == params_before, "a one-run override must not stay in params.yaml"
+    assert "`eval.max_new_tokens`: 32 → 12" in latest_artifact("run-report").data
+
+    experiment = state.result()["experiment"]
+    recorded = subprocess.run(["git", "show", f"{experiment_commit(project, experiment)}:params.yaml"], cwd=project,
+                              capture_output=True, text=True, check=True).stdout
+    assert yaml.safe_load(recorded)["eval"]["max_new_tokens"] == 12
+
+    back = run_flow(project)
+    outcomes = back.result()["stages"]
+    assert {outcomes[name] for name in evals} == {RESTORED}, outcomes
+    assert outcomes["sft"] == SKIPPED
+
+
+def experiment_commit(project, name: str) -> str:
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"], cwd=project,
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    return next(line.split()[0] for line in refs if line.endswith("/" + name))
+
+
+def test_failing_stage_fails_the_flow_with_its_message_and_rerun_resumes_there(flow_project):
+    project, _ = flow_project
+    pairs = project / "data" / "builtin" / "pairs_r2.jsonl"
+    good = pairs.read_text()
+    bad_line = len(good.splitlines()) + 1
+    pairs.write_text(good + '{"prompt": "no answers"}\n')
+
+    state = run_flow(project, overrides=FAST_RETRIES)
+    assert state.is_failed()
+    with pytest.raises(StageFailed) as error:
+        state.result()
+    assert error.value.name == "pairs@r2" and error.value.exit_status == 2
+    assert f"pairs_r2.jsonl:{bad_line}" in str(error.value)
+    failed = next(run for run in task_runs(state) if run.name == "pairs@r2")
+    assert failed.run_count == 1, "a stage that refused its input must not be retried"
+    assert "### Failure" in latest_artifact("run-report").data
+
+    pairs.write_text(good)
+    outcomes = run_flow(project).result()["stages"]
+    order = list(outcomes)
+    first_active = next(name for name in order if outcomes[name] != SKIPPED)
+    assert first_active == "pairs@r2" and outcomes["pairs@r2"] in (RAN, RESTORED)
+    assert all(outcomes[name] == SKIPPED for name in order[: order.index("pairs@r2")])
+
+
+def test_bad_override_fails_before_any_stage_with_the_schema_message(flow_project):
+    project, _ = flow_project
+    params_before = (project / "params.yaml").read_text()
+    state = run_flow(project, overrides={"dpo.beta": 0.2})
+    assert state.is_failed()
+    with pytest.raises(ParamsError, match=r"dpo.beta: unknown key; did you mean dpo.loss.beta\?"):
+        state.result()
+    assert task_runs(state) == []
+    assert (project / "params.yaml").read_text() == params_before
+
+
+def test_next_round_appends_a_round_runs_only_what_it_needs_then_reports_no_fresh_data(flow_project):
+    project, _ = flow_project
+    state = run_flow(project, next_round=True)
+    assert state.is_completed(), state.message
+    active = {name for name, outcome in state.result()["stages"].items() if outcome != SKIPPED}
+    assert {"pairs@r3", "reference_logps@r3", "dpo@r3", "eval@r3", "merge", "eval_merged"} <= active
+    assert not active & {"base", "prepare", "sft", "reference", "dpo@r1", "dpo@r2", "eval_sft", "eval@r1"}
+    rounds = yaml.safe_load((project / "params.yaml").read_text())["dpo"]["rounds"]
+    assert rounds["r3"] == {"previous": "r2", "reference": "sft", "pairs": "data/builtin/pairs_r3.jsonl"}
+
+    missing = {"orchestration.next_round.pairs": "data/incoming/{round}.jsonl"}
+    idle = run_flow(project, next_round=True, overrides=missing)
+    assert idle.is_completed() and idle.name == NO_FRESH_DATA
+    assert "data/incoming/r4.jsonl does not exist" in idle.message
+    assert list(yaml.safe_load((project / "params.yaml").read_text())["dpo"]["rounds"]) == ["r1", "r2", "r3"]

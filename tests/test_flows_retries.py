@@ -1,0 +1,92 @@
+"""The flow's mechanics on a tiny shell-command DAG (seconds, no models): retries, logs, ordering, reports."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run
+from flows.dvc_project import RAN, SKIPPED
+from flows.pipeline import sft_dpo
+from flows.reports import changed_params, eval_summary_rows, guard_warnings
+
+# `flaky` fails on its first attempt only, as a stage does when it loses a lock or a worker.
+SHELL_DAG = r"""
+stages:
+  first:
+    cmd: echo "first says hello" && echo one > first.txt
+    params: [eval.limit]
+    outs: [first.txt]
+  flaky:
+    cmd: 'test -f .attempted || { touch .attempted; echo "transient trouble" >&2; exit 1; }; cp first.txt flaky.txt'
+    deps: [first.txt]
+    outs: [flaky.txt]
+  report:
+    cmd: >-
+      mkdir -p metrics && echo '{"sft": {"accuracy": 0.5}}' > metrics/eval.json
+    deps: [flaky.txt]
+    metrics: [metrics/eval.json: {cache: false}]
+"""
+
+
+@pytest.fixture
+def shell_project(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(ROOT / "data" / "builtin", tmp_path / "data" / "builtin")
+    (tmp_path / "dvc.yaml").write_text(SHELL_DAG)
+    (tmp_path / ".gitignore").write_text(".attempted\n")
+    run(["git", "init", "-q"], tmp_path)
+    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    run(["git", "add", "-A"], tmp_path)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], tmp_path)
+    return tmp_path
+
+
+def test_transient_failure_is_retried_and_stage_output_reaches_the_logs(harness, shell_project, caplog):
+    overrides = {"orchestration.retries": 1, "orchestration.retry_delay_seconds": 0}
+    result = sft_dpo(project=str(shell_project), overrides=overrides)
+    assert result["stages"] == {"first": RAN, "flaky": RAN, "report": RAN}
+    lines = [record.getMessage() for record in caplog.records]
+    assert "first says hello" in lines and "transient trouble" in lines
+    assert (shell_project / "flaky.txt").exists()
+
+
+def test_without_retries_the_transient_failure_fails_the_run(harness, shell_project):
+    state = sft_dpo(project=str(shell_project), overrides={"orchestration.retries": 0}, return_state=True)
+    assert state.is_failed() and "stage flaky failed (exit status 1)" in state.message
+    again = sft_dpo(project=str(shell_project), return_state=True)
+    assert again.result()["stages"] == {"first": SKIPPED, "flaky": RAN, "report": RAN}
+
+
+def test_experiment_needs_no_configured_git_identity(harness, shell_project, monkeypatch):
+    monkeypatch.setenv("HOME", str(shell_project))  # no ~/.gitconfig
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(shell_project))
+    result = sft_dpo(project=str(shell_project), overrides={"orchestration.retries": 1,
+                                                            "orchestration.retry_delay_seconds": 0})
+    author = subprocess.run(["git", "log", "-1", "--format=%an", f"refs/exps/{experiment_ref(shell_project)}"],
+                            cwd=shell_project, capture_output=True, text=True, check=True).stdout.strip()
+    assert result["experiment"] and author == "sft-dpo flow"
+
+
+def experiment_ref(project) -> str:
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname:lstrip=2)", "refs/exps/"], cwd=project,
+                          capture_output=True, text=True, check=True).stdout.split()
+    return next(ref for ref in refs if not ref.startswith("exec/"))
+
+
+def test_eval_summary_shows_change_since_previous_run():
+    rows = eval_summary_rows({"sft": {"acc": 0.5}, "r1": {"acc": 0.75}}, {"sft": {"acc": 0.5}, "r1": {"acc": 0.7}})
+    assert rows == [{"model": "sft", "acc": "0.5 (+0)"}, {"model": "r1", "acc": "0.75 (+0.05)"}]
+    assert eval_summary_rows({"r2": {"acc": 0.8}}, {})[0]["acc"] == "0.8 (new)"
+
+
+def test_changed_params_and_guard_warnings():
+    before = {"dpo": {"loss": {"beta": 0.1}, "rounds": {"r1": {"pairs": "a"}}}}
+    after = {"dpo": {"loss": {"beta": 0.2}, "rounds": {"r1": {"pairs": "a"}, "r2": {"pairs": "b"}}}}
+    assert changed_params(before, after) == {"dpo.loss.beta": (0.1, 0.2), "dpo.rounds.r2": (None, {"pairs": "b"})}
+    metrics = {"metrics/dpo_r1.json": {"guard_reasons": ["chosen log-prob fell"]}, "metrics/sft.json": {}}
+    assert guard_warnings(metrics) == ["metrics/dpo_r1.json: chosen log-prob fell"]
