@@ -35,7 +35,10 @@ def answer(total: int, polite: bool) -> str:
 
 
 def wrong_total(total: int, rng: random.Random) -> int:
-    return max(0, total + rng.choice((-2, -1, 1, 2)))
+    delta = rng.choice((-2, -1, 1, 2))
+    wrong = max(0, total + delta)
+    # 0 - 1 clamps back to 0, which is the right answer: step up instead, so no pair is degenerate.
+    return wrong if wrong != total else total + abs(delta)
 
 
 def user(prompt: str) -> list[dict]:

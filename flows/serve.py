@@ -10,6 +10,7 @@ Ctrl-C or SIGTERM, and stops the server it started. `--detach` does the same in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,20 +84,24 @@ def _start_server(args: argparse.Namespace, api_url: str) -> subprocess.Popen | 
     return server
 
 
-def _stop_process(pid: int, name: str, grace_s: float = 20.0) -> None:
+def _stop_process(pid: int, name: str, process: subprocess.Popen | None = None, grace_s: float = 20.0) -> None:
+    """SIGTERM a process group, then SIGKILL it after `grace_s`; reaps it when it is our own child."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
+        if process is not None and process.poll() is not None:
+            return
+        if process is None and not _alive(pid):
             return
         time.sleep(0.2)
     print(f"{name} (pid {pid}) ignored SIGTERM for {grace_s:.0f} s; killing it")
-    os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # it may end between the check and the kill
+        os.killpg(pid, signal.SIGKILL)
+    if process is not None:
+        process.wait()
 
 
 def _deployments(project: Path):
@@ -132,7 +137,7 @@ def serve_foreground(args: argparse.Namespace) -> None:
         pass
     finally:
         if server is not None:
-            _stop_process(server.pid, "prefect server")
+            _stop_process(server.pid, "prefect server", server)
             (args.home / "server.pid").unlink(missing_ok=True)
             print("Prefect server stopped")
 

@@ -91,3 +91,10 @@ def test_report_counts_truncation_and_token_lengths(tmp_path, base):
 def test_conversational_chinese_and_emoji_pairs_are_valid(tmp_path):
     result = read_records(write_lines(tmp_path / "zh.jsonl", [json.dumps(CHAT_PAIR, ensure_ascii=False)]), "pairs")
     assert not result.bad and result.rows == [CHAT_PAIR]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "data" / "builtin").glob("*pairs*.jsonl")), ids=lambda path: path.name)
+def test_every_shipped_pairs_file_is_clean(path):
+    """Rounds appended later (r3, r4) read these files too: none may hold a degenerate pair."""
+    result = read_records(path, "pairs")
+    assert result.bad == [] and len(result.rows) == len(path.read_text().splitlines())

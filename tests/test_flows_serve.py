@@ -1,0 +1,97 @@
+"""flows/serve.py as a user drives it: a real server on a free loopback port, the served deployments,
+`prefect deployment run sft-dpo/sft-dpo --watch`, two runs at once, and a clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def served(flow_project, tmp_path_factory):
+    project, _ = flow_project
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_PORT": str(port)}
+    command = [sys.executable, "-m", "flows.serve", "--port", str(port), "--home", str(home), "--project", str(project)]
+    subprocess.run(command + ["--detach"], cwd=project, env=env, check=True, timeout=180)
+    pids = {name: int((home / f"{name}.pid").read_text()) for name in ("serve", "server")}
+    yield project, env, home, pids, port
+    subprocess.run(command + ["--stop"], cwd=project, env=env, timeout=120)
+
+
+def prefect(env, project, *arguments, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefect", *arguments], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_deployment_run_watch_completes_and_publishes_eval_summary(served):
+    project, env, home, _, _ = served
+    result = prefect(env, project, "deployment", "run", "sft-dpo/sft-dpo", "--watch")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Completed" in result.stdout
+
+    artifact = prefect(env, project, "artifact", "inspect", "eval-summary", "-o", "json")
+    rows = json.loads(json.loads(artifact.stdout)[0]["data"])
+    assert {"sft", "merged"} <= {row["model"] for row in rows} and "preference_accuracy" in rows[0]
+
+
+def test_two_triggered_runs_wait_for_each_other(served):
+    project, env, _, _, _ = served
+    ids = []
+    for _ in range(2):
+        started = prefect(env, project, "deployment", "run", "sft-dpo/sft-dpo")
+        assert started.returncode == 0, started.stderr
+        ids.append(re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1))
+    runs = [wait_for_end(env, project, run_id) for run_id in ids]
+    assert [run["state"]["type"] for run in runs] == ["COMPLETED", "COMPLETED"]
+    first, second = sorted(runs, key=lambda run: run["start_time"])
+    assert second["start_time"] >= first["end_time"], "two runs of the pipeline overlapped"
+
+
+def wait_for_end(env, project, run_id: str, timeout_s: float = 300) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        inspected = prefect(env, project, "flow-run", "inspect", run_id, "-o", "json")
+        run = json.loads(inspected.stdout)
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout_s} s")
+
+
+def test_stop_leaves_no_process_behind(served):
+    project, env, home, pids, port = served
+    command = [sys.executable, "-m", "flows.serve", "--port", str(port), "--home", str(home), "--stop"]
+    subprocess.run(command, cwd=project, env=env, check=True, timeout=120)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids.values()), pids
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # the port is free again
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)  # nothing left in the process groups either
