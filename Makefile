@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo test install check-tools params-reference clean serve stop run
+.PHONY: demo test install check-tools params-reference clean serve stop run bench-orchestration
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -54,6 +54,10 @@ stop: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/prefect deployment run sft-dpo/sft-dpo --watch
+
+# Orchestration overhead of the flow on the demo and the time of a no-change run (prints a table).
+bench-orchestration: $(STAMP)
+	$(BIN)/python benchmarks/orchestration.py --compare-dvc
 
 params-reference: $(STAMP)
 	@$(BIN)/python -m tasks.config --markdown

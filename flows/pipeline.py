@@ -127,7 +127,10 @@ def dvc_stage(project: str, name: str, may_have_changed: bool):
 
 
 def run_stages(root: Path, graph: StageGraph, params: Params) -> tuple[list[StageRun], StageFailed | None]:
-    """Every stage in order until one fails; a stage DVC reports unchanged, whose inputs no stage touched, is not started."""
+    """Every stage in order until one fails.
+
+    A stage that `dvc status` reports unchanged, and whose upstream stages all skipped, is not started at all.
+    """
     stage_task = dvc_stage.with_options(retries=params.orchestration.retries,
                                         retry_delay_seconds=params.orchestration.retry_delay_seconds)
     changed = changed_stages(root)

@@ -130,7 +130,8 @@ def serve_foreground(args: argparse.Namespace) -> None:
         from prefect import serve
 
         pipeline, next_round, plan = _deployments(args.project)
-        schedule = f"on cron {plan.cron!r} ({plan.timezone})" if plan.cron else "unscheduled (orchestration.next_round.cron)"
+        schedule = (f"on cron {plan.cron!r} ({plan.timezone})" if plan.cron
+                    else "unscheduled (orchestration.next_round.cron)")
         print(f"serving sft-dpo/sft-dpo and sft-dpo/next-round, {schedule}; Ctrl-C stops both")
         serve(pipeline, next_round, limit=1)
     except KeyboardInterrupt:

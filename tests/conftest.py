@@ -85,3 +85,19 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def micro_flow(params: dict) -> None:
+    micro(params)
+    params["orchestration"]["retry_delay_seconds"] = 0
+
+
+@pytest.fixture(scope="session")
+def flow_project(harness, tmp_path_factory):
+    """The micro pipeline run once from scratch by the flow; returns (project, that run's stage outcomes)."""
+    from flows.pipeline import sft_dpo
+
+    project = make_project(tmp_path_factory.mktemp("flow"), micro_flow)
+    state = sft_dpo(project=str(project), return_state=True)
+    assert state.is_completed(), state.message
+    return project, state.result()["stages"]

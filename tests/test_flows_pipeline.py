@@ -10,26 +10,11 @@ import networkx as nx
 import pytest
 import yaml
 
-from conftest import make_project, micro
 from flows.dvc_project import RAN, RESTORED, SKIPPED, StageFailed, read_graph
 from flows.pipeline import NO_FRESH_DATA, sft_dpo
 from tasks.config import ParamsError
 
 FAST_RETRIES = {"orchestration.retries": 1, "orchestration.retry_delay_seconds": 0}
-
-
-def micro_flow(params: dict) -> None:
-    micro(params)
-    params["orchestration"]["retry_delay_seconds"] = 0
-
-
-@pytest.fixture(scope="session")
-def flow_project(harness, tmp_path_factory):
-    """The micro pipeline run once from scratch by the flow; returns (project, that run's stage outcomes)."""
-    project = make_project(tmp_path_factory.mktemp("flow"), micro_flow)
-    state = sft_dpo(project=str(project), return_state=True)
-    assert state.is_completed(), state.message
-    return project, state.result()["stages"]
 
 
 def run_flow(project, **parameters):

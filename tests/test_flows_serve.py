@@ -90,8 +90,8 @@ def test_stop_leaves_no_process_behind(served):
     while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not any(alive(pid) for pid in pids.values()), pids
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", port))  # the port is free again
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=2)
     for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)  # nothing left in the process groups either
