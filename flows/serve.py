@@ -125,6 +125,8 @@ def serve_foreground(args: argparse.Namespace) -> None:
     api_url = _configure(args)
     os.chdir(args.project)  # served runs start in this folder; the flow's `project` defaults to it
     server = _start_server(args, api_url)
+    # Ctrl-C and SIGTERM both end serving the same way, even where a launcher started us with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         from prefect import serve
