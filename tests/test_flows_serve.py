@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from conftest import ROOT
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -95,3 +97,19 @@ def test_stop_leaves_no_process_behind(served):
     for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)  # nothing left in the process groups either
+
+
+def test_next_round_schedule_comes_from_params(tmp_path):
+    from flows.serve import _deployments
+    from tasks.config import write_params
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    pipeline, next_round, _ = _deployments(tmp_path)
+    assert pipeline.schedules == [] and next_round.schedules == [] and next_round.parameters == {"next_round": True}
+
+    write_params(tmp_path / "params.yaml", {"orchestration.next_round.cron": "0 3 * * *",
+                                            "orchestration.next_round.timezone": "Europe/Paris"})
+    _, next_round, _ = _deployments(tmp_path)
+    schedule = next_round.schedules[0].schedule
+    assert (schedule.cron, schedule.timezone) == ("0 3 * * *", "Europe/Paris")
+    assert pipeline.concurrency_limit == next_round.concurrency_limit == 1
