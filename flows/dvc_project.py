@@ -38,6 +38,8 @@ class StageGraph:
     """For each stage, the stages whose outputs it reads."""
     metric_files: dict[str, list[str]]
     """For each stage, its metrics and plots files (paths relative to the project)."""
+    changed: set[str]
+    """Stages whose own dependencies, params or outputs differed from dvc.lock when the graph was read (`dvc status`)."""
 
 
 @dataclass
@@ -60,7 +62,7 @@ class StageFailed(RuntimeError):
 
 
 def read_graph(root: Path) -> StageGraph:
-    """Read dvc.yaml's stage graph, ordered topologically with ties kept in dvc.yaml's order."""
+    """Read dvc.yaml's stage graph (ties in the topological order kept in dvc.yaml's order) and its status."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -74,17 +76,10 @@ def read_graph(root: Path) -> StageGraph:
         metric_files = {
             stage.name: [str(out.def_path) for out in stage.outs if out.metric or out.plot] for stage in stages
         }
-    return StageGraph(order, upstream, metric_files)
-
-
-def changed_stages(root: Path) -> set[str]:
-    """Stages whose own dependencies, params or outputs differ from dvc.lock (`dvc status`)."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
         # Status is keyed by addresses relative to the working directory; map them back to stage names.
-        names = {stage.addressing: stage.name for stage in repo.index.stages}
-        return {names[address] for address in repo.status()}
+        names = {stage.addressing: stage.name for stage in stages}
+        changed = {names[address] for address in repo.status()}
+    return StageGraph(order, upstream, metric_files, changed)
 
 
 def stage_environment() -> dict[str, str]:

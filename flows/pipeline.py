@@ -27,7 +27,6 @@ from flows.dvc_project import (
     StageFailed,
     StageGraph,
     StageRun,
-    changed_stages,
     is_git_repository,
     matching_experiment,
     read_graph,
@@ -133,12 +132,11 @@ def run_stages(root: Path, graph: StageGraph, params: Params) -> tuple[list[Stag
     """
     stage_task = dvc_stage.with_options(retries=params.orchestration.retries,
                                         retry_delay_seconds=params.orchestration.retry_delay_seconds)
-    changed = changed_stages(root)
     executed: set[str] = set()
     runs: list[StageRun] = []
     for name in graph.order:
         started = time.perf_counter()
-        may_have_changed = name in changed or bool(graph.upstream[name] & executed)
+        may_have_changed = name in graph.changed or bool(graph.upstream[name] & executed)
         state = stage_task(str(root), name, may_have_changed, return_state=True)
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 
 import networkx as nx
 import pytest
@@ -30,7 +31,13 @@ def task_runs(state) -> list:
             flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
             return await client.read_task_runs(flow_run_filter=flow_filter)
 
-    return asyncio.run(read())
+    # Task runs reach the API as events, a moment after the flow returns: read until the list stops growing.
+    runs, previous = asyncio.run(read()), None
+    deadline = time.monotonic() + 15
+    while (previous is None or len(runs) != len(previous)) and time.monotonic() < deadline:
+        time.sleep(1)
+        previous, runs = runs, asyncio.run(read())
+    return runs
 
 
 def latest_artifact(key: str):
