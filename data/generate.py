@@ -7,6 +7,8 @@ model answers correctly in a mixed style. Preference pairs always choose the
 correct polite answer and reject an answer that breaks exactly one of the two
 properties, so DPO has a style preference (easy) and a correctness preference
 (harder) to learn. The rule verifier in ``tasks.builtin_task`` scores both.
+``prompts.jsonl`` is the pool the on-policy rounds sample their questions from (the
+SFT questions, so it holds no held-out fact x phrasing).
 
 Held-out facts x phrasings never appear in SFT or DPO training data.
 
@@ -75,6 +77,8 @@ def generate(out_dir: Path, seed: int, heldout: int, pairs_per_round: int) -> No
     for name in ROUNDS:
         round_combos = rng.sample(train_combos, pairs_per_round)
         files[f"pairs_{name}.jsonl"] = [preference_pair(a, b, p, rng) for a, b, p in round_combos]
+    # The on-policy rounds' prompt pool: the training questions only, never a held-out one.
+    files["prompts.jsonl"] = [{"prompt": user(p.format(a=a, b=b))} for a, b, p in train_combos]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():

@@ -177,15 +177,22 @@ def resume_checkpoint(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> str 
     Checkpoints written under other params or inputs are deleted: resuming them would
     silently mix two runs.
     """
-    stamp = checkpoint_dir / "fingerprint.json"
-    if stamp.exists() and read_json(stamp) == fingerprint:
+    if claim_checkpoint_dir(checkpoint_dir, fingerprint):
         checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         if checkpoints:
             return str(checkpoints[-1])
+    return None
+
+
+def claim_checkpoint_dir(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> bool:
+    """True if `checkpoint_dir` holds partial work of the same inputs; otherwise empty it, stamp it, False."""
+    stamp = checkpoint_dir / "fingerprint.json"
+    if stamp.exists() and read_json(stamp) == json.loads(json.dumps(fingerprint)):
+        return True
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True)
     stamp.write_text(json.dumps(fingerprint, sort_keys=True))
-    return None
+    return False
 
 
 def logged_history(trainer) -> list[dict[str, Any]]:

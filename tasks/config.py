@@ -190,13 +190,20 @@ class GuardParams(Section):
     """Fail the stage (not only mark the round) when the guard fires."""
 
 
+class GateParams(Section):
+    max_task_accuracy_drop: float = Field(0.0, ge=0)
+    """Largest fall of task accuracy (absolute) versus the policy the round started from that still promotes the round."""
+    max_perplexity_rise: float = Field(1.0, ge=0)
+    """Largest relative rise of held-out perplexity (1.0 = may double) that still promotes the round."""
+    require_guard_ok: bool = True
+    """Refuse a round the collapse guard marked failed-quality."""
+
+
 class RoundParams(Section):
     previous: str
-    """Policy this round starts from: `sft` for the first round, else the preceding round's name."""
+    """Policy this round starts from: `sft` for the first round, else the preceding round's name (its last promoted policy)."""
     reference: str = SFT_POLICY
     """Reference policy of the round: `sft` (the frozen SFT snapshot) or the same name as `previous`."""
-    pairs: str
-    """This round's fresh preference pairs (JSON lines)."""
 
 
 class DPOParams(Section):
@@ -212,6 +219,8 @@ class DPOParams(Section):
     """Optimisation settings of each round."""
     guard: GuardParams = GuardParams()
     """Collapse guard run after each round."""
+    gate: GateParams = GateParams()
+    """Promotion gate after each round's eval: a refused round's policy is not used by the next round or by `merge`."""
     rounds: dict[str, RoundParams] = Field(min_length=1)
     """Rounds in training order, keyed by name (`r1`, `r2`, ...). Adding one re-runs only it and what follows."""
 
@@ -231,6 +240,79 @@ class DPOParams(Section):
     @property
     def final_round(self) -> str:
         return list(self.rounds)[-1]
+
+
+class PromptParams(Section):
+    pool: str = "data/builtin/prompts.jsonl"
+    """Prompt pool (JSON lines `{"prompt": ...}`, a string or a message list) the rounds draw fresh prompts from."""
+    per_round: int = Field(128, ge=0)
+    """Prompts drawn for each round; no prompt is reused across rounds until the pool is exhausted (then reuse is reported)."""
+    seed: int = 0
+    """Seed of the pool's shuffle (every round takes the next slice of the same shuffle)."""
+
+
+class GenerateParams(Section):
+    backend: Literal["transformers"] = "transformers"
+    """Generation engine behind `tasks.generation.GenerationBackend` (`transformers`: batched `generate`)."""
+    samples_per_prompt: int = Field(4, ge=2)
+    """Responses sampled per prompt (best and worst become a pair)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    max_new_tokens: PositiveInt = 32
+    """Token budget of each response."""
+    batch_size: PositiveInt = 64
+    """Sequences per `generate` call (prompts per call = batch_size / samples_per_prompt); padded on the left."""
+    seed: int = 0
+    """Sampling seed; each batch is seeded from it and its index, so a resumed round samples the same responses."""
+
+
+class JudgeParams(Section):
+    kind: Literal["rule", "reward_model", "function"] = "rule"
+    """`rule`: the built-in task's verifier; `reward_model`: a sequence-classification model; `function`: your Python function."""
+    correct_weight: float = 1.0
+    """Rule judge: score added for a correct answer."""
+    polite_weight: float = 0.5
+    """Rule judge: score added for the polite closing."""
+    reward_model: str | None = None
+    """Reward-model judge: hub id or folder of an `AutoModelForSequenceClassification` (its first logit is the score)."""
+    reward_model_revision: str | None = None
+    """Hub revision of `reward_model`."""
+    chat_template: Literal["policy", "own"] = "policy"
+    """Reward-model judge: render conversations with the policy's chat template, or with the reward model's own."""
+    function: str | None = None
+    """Function judge: `package.module:function` called as `function(prompt, response) -> float` (prompt as in the data)."""
+    batch_size: PositiveInt = 16
+    """Reward-model judge: conversations per forward pass."""
+
+    @model_validator(mode="after")
+    def _judge_named(self) -> "JudgeParams":
+        if self.kind == "reward_model" and not self.reward_model:
+            raise ValueError("kind reward_model needs reward_model (a hub id or a folder)")
+        if self.kind == "function" and (not self.function or ":" not in self.function):
+            raise ValueError(f"kind function needs function as 'package.module:function' (got {self.function!r})")
+        return self
+
+
+class PairParams(Section):
+    strategy: Literal["best_worst", "margin"] = "best_worst"
+    """`best_worst`: one pair per prompt (highest vs lowest score); `margin`: every two responses whose scores differ by `min_gap` or more."""
+    min_gap: float = Field(0.25, gt=0)
+    """Smallest score difference that makes a pair; closer responses (ties) are dropped and counted."""
+    max_pairs_per_prompt: PositiveInt = 4
+    """With `strategy: margin`, the largest number of pairs kept per prompt (widest gaps first)."""
+
+
+class OnPolicyParams(Section):
+    prompts: PromptParams = PromptParams()
+    """Where each round's fresh prompts come from."""
+    generate: GenerateParams = GenerateParams()
+    """Sampling responses from the round's starting policy."""
+    judge: JudgeParams = JudgeParams()
+    """Scoring every sampled response."""
+    pairs: PairParams = PairParams()
+    """Turning scored responses into preference pairs."""
 
 
 class MergeParams(Section):
@@ -258,15 +340,11 @@ class NextRoundParams(Section):
     """Cron schedule of the `sft-dpo/next-round` deployment (e.g. `0 3 * * *`); null serves it unscheduled."""
     timezone: str = "UTC"
     """Time zone the cron schedule is read in."""
-    pairs: str = "data/builtin/pairs_{round}.jsonl"
-    """Where an appended round's fresh pairs come from; `{round}` becomes its name (`r3`). No such file: nothing is trained."""
     reference: Literal["sft", "previous"] = SFT_POLICY
     """Reference of an appended round: the frozen SFT snapshot, or the policy the round starts from."""
 
     @model_validator(mode="after")
     def _schedule_parses(self) -> "NextRoundParams":
-        if "{round}" not in self.pairs:
-            raise ValueError(f"pairs {self.pairs!r} must contain {{round}} so each round reads its own file")
         if self.cron is not None:
             # Prefect's own schedule model, so a schedule that validates here is one the deployment accepts.
             from prefect.client.schemas.schedules import CronSchedule
@@ -285,7 +363,7 @@ class OrchestrationParams(Section):
     retry_delay_seconds: float = Field(30.0, ge=0)
     """Wait before each retry of a failed stage."""
     next_round: NextRoundParams = NextRoundParams()
-    """The `sft-dpo/next-round` deployment: its schedule and where each new round's data comes from."""
+    """The `sft-dpo/next-round` deployment: its schedule and the appended round's reference."""
 
 
 class Params(Section):
@@ -297,6 +375,8 @@ class Params(Section):
     """Supervised fine-tuning."""
     reference: ReferenceParams = ReferenceParams()
     """The frozen reference policy and its log-probabilities."""
+    onpolicy: OnPolicyParams = OnPolicyParams()
+    """Each round's fresh preference data: prompts, sampled responses, judge scores, pairs."""
     dpo: DPOParams
     """DPO rounds."""
     merge: MergeParams = MergeParams()
@@ -426,8 +506,8 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
 def extended_rounds(params: Params, count: int) -> dict[str, dict[str, str]]:
     """The rounds mapping cut or extended to `count` rounds, as raw params.
 
-    Appended rounds are named `r<K>`, start from the round before, and read their pairs from
-    `orchestration.next_round.pairs`.
+    Appended rounds are named `r<K>` and start from the round before; their pairs are generated
+    on-policy (see `onpolicy`).
     """
     if count < 1:
         raise ParamsError(f"rounds: need at least 1 round (got {count})")
@@ -439,7 +519,7 @@ def extended_rounds(params: Params, count: int) -> dict[str, dict[str, str]]:
         if name in rounds:
             raise ParamsError(f"dpo.rounds: cannot append {name}: the name is taken (rename the rounds r1, r2, ...)")
         reference = SFT_POLICY if plan.reference == SFT_POLICY else previous
-        rounds[name] = {"previous": previous, "reference": reference, "pairs": plan.pairs.format(round=name)}
+        rounds[name] = {"previous": previous, "reference": reference}
     return rounds
 
 

@@ -1,7 +1,9 @@
-"""Stage `merge`: the final round's policy as a standalone Hugging Face model folder.
+"""Stage `merge`: the last promoted round's policy as a standalone Hugging Face model folder.
 
-When the final round trained a LoRA adapter, the adapter is merged into that round's starting
-policy here (and the merged logits are checked against the unmerged adapter model). The folder
+The final round's policy folder is what the promotion gate kept: the last round it promoted
+(or the SFT snapshot if it promoted none). When that round trained a LoRA adapter, the adapter
+is merged into the round's starting policy here (and the merged logits are checked against the
+unmerged adapter model). The folder
 holds safetensors weights, the tokenizer, a generation config and a model card with lineage
 (base, data hashes, params); `AutoModelForCausalLM.from_pretrained` loads it with no project
 code, and no absolute path of the build machine is left in it.
@@ -78,43 +80,61 @@ def scrub_local_paths(folder: Path) -> None:
 
 def model_card(params: Params, lineage: dict) -> str:
     rounds = "\n".join(
-        f"| {name} | {spec.previous} | {spec.reference} | `{spec.pairs}` | `{lineage['data'][spec.pairs][:12]}` |"
-        for name, spec in params.dpo.rounds.items()
+        f"| {name} | {row['previous']} | {row['reference']} | {'yes' if row['promoted'] else 'no: ' + '; '.join(row['reasons'])} |"
+        for name, row in lineage["rounds"].items()
     )
     loss = params.dpo.loss
+    sampling = params.onpolicy.generate
     return f"""---
 library_name: transformers
 tags: [dpo, sft-dpo]
 ---
 # sft-dpo model
 
-Aligned with Direct Preference Optimization by the sft-dpo pipeline: SFT, a frozen reference
-snapshot of the SFT policy, then {len(params.dpo.rounds)} DPO round(s), final round merged into a standalone model.
+Aligned with iterative Direct Preference Optimization by the sft-dpo pipeline: SFT, a frozen
+reference snapshot of the SFT policy, then {len(params.dpo.rounds)} on-policy DPO round(s) (sample from the
+current policy, judge, pair, train, gate); this is the policy of round **{lineage['source']}**, the last one the
+promotion gate accepted, merged into a standalone model.
 
 - base: `{params.model.base}`
 - SFT: {params.sft.method}, data `{params.data.sft}` (sha256 `{lineage['data'][params.data.sft][:12]}`)
 - reference snapshot sha256: `{lineage['reference_sha256'][:12]}`
+- prompts: `{params.onpolicy.prompts.pool}` (sha256 `{lineage['data'][params.onpolicy.prompts.pool][:12]}`), {params.onpolicy.prompts.per_round} per round
+- sampling: {sampling.samples_per_prompt} per prompt, temperature {sampling.temperature}, top_p {sampling.top_p}; judge `{params.onpolicy.judge.kind}`; pairs `{params.onpolicy.pairs.strategy}` (min gap {params.onpolicy.pairs.min_gap})
 - DPO: {params.dpo.method}, loss {loss.types} weights {loss.weights}, beta {loss.beta}, label smoothing {loss.label_smoothing},
   learning rate {params.dpo.train.learning_rate}, epochs {params.dpo.train.epochs}
 
-| round | starts from | reference | pairs | pairs sha256 |
-| --- | --- | --- | --- | --- |
+| round | starts from | reference | promoted |
+| --- | --- | --- | --- |
 {rounds}
 
 Load it with `AutoModelForCausalLM.from_pretrained(<this folder>)`; no project code is needed.
 """
 
 
+def round_decisions(params: Params, policies: Path) -> dict[str, dict]:
+    from tasks.gate import PROMOTION_FILE
+
+    decisions = {}
+    for name, spec in params.dpo.rounds.items():
+        promotion = read_json(policies / name / PROMOTION_FILE)
+        decisions[name] = {"previous": spec.previous, "reference": spec.reference,
+                           "promoted": promotion["promoted"], "reasons": promotion["reasons"]}
+    return decisions
+
+
 def export_final(params: Params, policies: Path, reference_metrics: Path, out: Path, metrics: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    final = params.dpo.final_round
-    policy = policies / final
+    from tasks.gate import trained_round
+
+    policy = policies / params.dpo.final_round
+    source = trained_round(policy)
     tokenizer = AutoTokenizer.from_pretrained(policy)
     adapter = adapter_of(policy)
-    summary: dict = {"round": final, "merged_adapter": adapter is not None}
+    summary: dict = {"round": source, "merged_adapter": adapter is not None}
     if adapter is not None:
-        start = policies / params.dpo.rounds[final].previous
+        start = policies / params.dpo.rounds[source].previous
         model = merge_adapter(start, adapter, params.merge.dtype)
         texts = [tokenizer.eos_token.join(["merge check", "a b c"]), "The answer is"]
         summary["max_logit_difference"] = max_logit_difference(model, start, adapter, tokenizer, texts)
@@ -124,11 +144,13 @@ def export_final(params: Params, policies: Path, reference_metrics: Path, out: P
         import torch
 
         model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, params.merge.dtype))
-    data_files = [params.data.sft, params.data.eval_pairs] + [spec.pairs for spec in params.dpo.rounds.values()]
+    data_files = [params.data.sft, params.data.eval_pairs, params.onpolicy.prompts.pool]
     lineage = {
         "base": params.model.base,
+        "source": source,
         "reference_sha256": read_json(reference_metrics)["sha256"],
         "data": {name: file_digest(Path(name)) for name in data_files},
+        "rounds": round_decisions(params, policies),
         "params": params.model_dump(mode="json"),
     }
     with atomic_path(out) as scratch:

@@ -1,46 +1,136 @@
-"""Stage `pairs@<round>`: validate one round's fresh preference pairs and write them for training.
+"""Stage `pairs@<round>`: preference pairs from the judged responses, mixed with the round's human pairs.
 
-Each round's data is a stage boundary of its own, so a later source of pairs (on-policy
-generation and judging) can replace this stage without touching the DPO stages.
+`onpolicy.pairs.strategy`:
+- `best_worst`: per prompt, the highest-scored response is chosen and the lowest rejected;
+- `margin`: every two responses whose scores differ by at least `min_gap` (widest first, at most
+  `max_pairs_per_prompt` per prompt).
+Pairs closer than `min_gap` (ties) and degenerate ones (an empty response, or chosen and rejected
+the same text) are dropped and counted. The result goes through the same validation as every
+pairs file (file:line reasons, `data.on_bad_lines`, dedup) and its report carries the pair
+statistics: count, mean score gap, and the lengths of chosen and rejected responses, since
+length drift is the known failure of iterative DPO.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import statistics
 from pathlib import Path
+from typing import Any
 
 from tasks.common import atomic_path, exit_bad_input, load_tokenizer, resolve_base, stage_params, write_json
-from tasks.config import Params
-from tasks.records import DataError, enforce_bad_line_policy, file_report, read_records, token_length_report, write_records
+from tasks.config import PairParams, Params
+from tasks.records import (
+    DataError,
+    enforce_bad_line_policy,
+    file_report,
+    load_records,
+    read_records,
+    token_length_report,
+    write_records,
+)
 
 
-def prepare_pairs(params: Params, pairs: Path, base: Path, out: Path, report: Path) -> dict:
-    result = read_records(pairs, "pairs")
-    enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
+def _response(prompt: Any, text: str) -> Any:
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def _text(response: Any) -> str:
+    return response if isinstance(response, str) else response[-1]["content"]
+
+
+def prompt_pairs(scores: list[float], texts: list[str], settings: PairParams) -> tuple[list[tuple[int, int]], str | None]:
+    """(chosen, rejected) response indices of one prompt, or none and why ("tie" / "degenerate")."""
+    usable = [i for i, text in enumerate(texts) if text]
+    if len(usable) < 2:
+        return [], "degenerate"
+    if settings.strategy == "best_worst":
+        best = max(usable, key=lambda i: scores[i])
+        worst = min(usable, key=lambda i: scores[i])
+        candidates = [(best, worst)]
+    else:
+        ordered = sorted(itertools.permutations(usable, 2), key=lambda pair: scores[pair[1]] - scores[pair[0]])
+        candidates = ordered
+    wide = [(c, r) for c, r in candidates if scores[c] - scores[r] >= settings.min_gap]
+    if not wide:
+        return [], "tie"
+    distinct = [(c, r) for c, r in wide if texts[c] != texts[r]]
+    if not distinct:
+        return [], "degenerate"
+    return distinct[: 1 if settings.strategy == "best_worst" else settings.max_pairs_per_prompt], None
+
+
+def judged_pairs(scored: list[dict], settings: PairParams) -> tuple[list[dict], dict[str, Any]]:
+    pairs, gaps, dropped = [], [], {"tie": 0, "degenerate": 0}
+    for row in scored:
+        indices, reason = prompt_pairs(row["scores"], row["responses"], settings)
+        if reason:
+            dropped[reason] += 1
+        for chosen, rejected in indices:
+            gaps.append(row["scores"][chosen] - row["scores"][rejected])
+            pairs.append({"prompt": row["prompt"], "chosen": _response(row["prompt"], row["responses"][chosen]),
+                          "rejected": _response(row["prompt"], row["responses"][rejected])})
+    stats = {"prompts": len(scored), "ties_dropped": dropped["tie"], "degenerate_dropped": dropped["degenerate"],
+             "mean_score_gap": round(statistics.fmean(gaps), 4) if gaps else None}
+    return pairs, stats
+
+
+def length_stats(pairs: list[dict], tokenizer) -> dict[str, float | None]:
+    """Mean length (characters and tokens) of chosen and of rejected responses."""
+    stats: dict[str, float | None] = {}
+    for side in ("chosen", "rejected"):
+        texts = [_text(pair[side]) for pair in pairs]
+        tokens = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+        stats[f"{side}_chars_mean"] = round(statistics.fmean(map(len, texts)), 2) if texts else None
+        stats[f"{side}_tokens_mean"] = round(statistics.fmean(tokens), 2) if tokens else None
+    return stats
+
+
+def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: Path, report: Path) -> dict:
+    onpolicy, onpolicy_stats = judged_pairs(load_records(scored), params.onpolicy.pairs)
+    human = load_records(incoming)
+    with atomic_path(out) as scratch:
+        write_records(scratch, onpolicy + human)
+        result = read_records(scratch, "pairs")
+        if not result.rows:
+            raise DataError(f"no preference pairs: {onpolicy_stats['ties_dropped']} of {onpolicy_stats['prompts']} "
+                            f"prompts' responses tied within onpolicy.pairs.min_gap={params.onpolicy.pairs.min_gap}, "
+                            f"{onpolicy_stats['degenerate_dropped']} were degenerate, and {incoming} has no human pairs")
+        enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
+        write_records(scratch, result.rows)
     name_or_path, revision = resolve_base(base)
     tokenizer = load_tokenizer(name_or_path, params.model, revision)
-    summary = {**file_report(result), **token_length_report(result.rows, tokenizer, params.dpo.sequence.max_length)}
-    with atomic_path(out) as scratch:
-        write_records(scratch, result.rows)
+    summary = {
+        "pairs": len(result.rows),
+        "onpolicy_pairs": len(onpolicy),
+        "human_pairs": len(human),
+        **onpolicy_stats,
+        **length_stats(result.rows, tokenizer),
+        **file_report(result),
+        **token_length_report(result.rows, tokenizer, params.dpo.sequence.max_length),
+    }
     write_json(report, summary)
     return summary
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--pairs", type=Path, required=True, help="the round's raw pairs (JSON lines)")
+    parser.add_argument("--scored", type=Path, required=True, help="judged responses (from judge@<round>)")
+    parser.add_argument("--incoming", type=Path, required=True, help="the round's validated human pairs")
     parser.add_argument("--base", type=Path, required=True, help="base folder (its tokenizer measures lengths)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args()
     params = stage_params(args.params)
     try:
-        summary = prepare_pairs(params, args.pairs, args.base, args.out, args.report)
+        summary = build_pairs(params, args.scored, args.incoming, args.base, args.out, args.report)
     except DataError as error:
         exit_bad_input(f"bad data:\n{error}")
-    print(f"{args.pairs}: kept {summary['kept']} of {summary['lines']} lines, dropped {summary['dropped']}, "
-          f"duplicates {summary['duplicates_removed']}, truncated {summary['truncated_rows']}")
+    print(f"pairs: {summary['pairs']} ({summary['onpolicy_pairs']} on-policy, {summary['human_pairs']} human); "
+          f"dropped {summary['ties_dropped']} ties, {summary['degenerate_dropped']} degenerate; mean gap "
+          f"{summary['mean_score_gap']}; chosen/rejected {summary['chosen_chars_mean']}/{summary['rejected_chars_mean']} chars")
 
 
 if __name__ == "__main__":

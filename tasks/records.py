@@ -3,6 +3,7 @@
 Preference pairs: ``{"prompt","chosen","rejected"}`` as strings, or conversational (``prompt`` a list
 of ``{"role","content"}`` messages, ``chosen``/``rejected`` lists of assistant messages).
 SFT rows: ``{"prompt","completion"}`` strings or ``{"messages": [...]}``.
+Prompt pools: ``{"prompt": ...}`` (a string or a message list ending with a user message).
 Every bad line is reported as ``file:line: reason``.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-Kind = Literal["pairs", "sft"]
+Kind = Literal["pairs", "sft", "prompts"]
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -101,7 +102,22 @@ def sft_problem(row: Any) -> str | None:
     return None
 
 
-CHECKS: dict[str, Callable[[Any], str | None]] = {"pairs": pair_problem, "sft": sft_problem}
+def prompt_problem(row: Any) -> str | None:
+    """Why a parsed line is not a usable prompt-pool entry `{"prompt": ...}`, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    unknown = set(row) - {"prompt"}
+    if unknown:
+        return f"unknown field(s) {', '.join(sorted(unknown))}"
+    problem = _field_problem(row, "prompt", conversational=isinstance(row.get("prompt"), list))
+    if problem:
+        return problem
+    if isinstance(row["prompt"], list) and row["prompt"][-1]["role"] != "user":
+        return "'prompt' must end with a user message"
+    return None
+
+
+CHECKS: dict[str, Callable[[Any], str | None]] = {"pairs": pair_problem, "sft": sft_problem, "prompts": prompt_problem}
 
 
 def read_records(path: str | Path, kind: Kind) -> ReadResult:

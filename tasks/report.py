@@ -1,7 +1,9 @@
 """Stage `report`: one `metrics/eval.json` as `{model: {metric: value}}` and the printed table.
 
-Models in pipeline order: `sft`, each round, `merged`. Rounds the collapse guard marked are
-flagged in the table. `python -m tasks.report --print-only` prints the table of the last run.
+Models in pipeline order: `sft`, each round's policy after the promotion gate, `merged`. A round
+the gate refused shows the policy it kept, with the refused candidate's own row (`<round>*`) below it;
+rounds the collapse guard marked are flagged. `python -m tasks.report --print-only` prints the
+table of the last run.
 """
 
 from __future__ import annotations
@@ -16,30 +18,42 @@ COLUMNS = ("preference_accuracy", "task_accuracy", "correct", "polite", "perplex
 
 
 def collect(params: Params, evals: Path) -> dict[str, dict[str, float]]:
+    """Metrics of every model in pipeline order; a refused round's candidate follows as `<round>*`."""
     names = ["sft", *params.dpo.rounds, "merged"]
     missing = [name for name in names if not (evals / f"{name}.json").exists()]
     if missing:
         raise FileNotFoundError(f"no evaluation for {', '.join(missing)} in {evals}")
-    return {name: read_json(evals / f"{name}.json") for name in names}
+    scores = {}
+    for name in names:
+        evaluation = read_json(evals / f"{name}.json")
+        scores[name] = {key: value for key, value in evaluation.items() if key in COLUMNS}
+        if evaluation.get("promoted") is False:
+            scores[f"{name}*"] = evaluation["candidate"]
+    return scores
 
 
-def guard_notes(params: Params, metrics: Path) -> dict[str, str]:
+def round_notes(params: Params, evals: Path, metrics: Path) -> dict[str, str]:
+    """Per round: the gate's decision and the collapse guard's verdict."""
     notes = {}
     for name in params.dpo.rounds:
-        path = metrics / f"dpo_{name}.json"
-        if path.exists():
-            round_metrics = read_json(path)
-            notes[name] = "FAILED-QUALITY" if round_metrics["quality"] != "ok" else "ok"
+        gate, guard = evals / f"{name}.json", metrics / f"dpo_{name}.json"
+        if gate.exists():
+            decision = read_json(gate)
+            notes[name] = "promoted" if decision.get("promoted") else f"kept {decision.get('source')}"
+            if not decision.get("promoted"):
+                notes[f"{name}*"] = "refused"
+        if guard.exists() and read_json(guard)["quality"] != "ok":
+            notes[name] = notes.get(name, "") + " FAILED-QUALITY"
     return notes
 
 
 def table(scores: dict[str, dict[str, float]], notes: dict[str, str]) -> str:
     columns = [c for c in COLUMNS if any(c in row for row in scores.values())]
-    header = f"{'model':<8}" + "".join(f"{c:>21}" for c in columns) + f"{'guard':>16}"
+    header = f"{'model':<8}" + "".join(f"{c:>21}" for c in columns) + f"{'gate':>24}"
     lines = [header, "-" * len(header)]
     for name, row in scores.items():
         cells = "".join(f"{row[c]:>21.4f}" if c in row else f"{'-':>21}" for c in columns)
-        lines.append(f"{name:<8}{cells}{notes.get(name, ''):>16}")
+        lines.append(f"{name:<8}{cells}{notes.get(name, ''):>24}")
     return "\n".join(lines)
 
 
@@ -55,11 +69,14 @@ def main() -> None:
     scores = read_json(args.out) if args.print_only else collect(params, args.evals)
     if not args.print_only:
         write_json(args.out, scores)
-    notes = guard_notes(params, args.metrics)
+    notes = round_notes(params, args.evals, args.metrics)
     print(table(scores, notes))
-    failed = [name for name, note in notes.items() if note != "ok"]
+    failed = [name for name, note in notes.items() if "FAILED-QUALITY" in note]
     if failed:
         print(f"\nWARNING: the collapse guard marked {', '.join(failed)} as failed-quality; see metrics/dpo_<round>.json")
+    refused = [name for name, note in notes.items() if note.startswith("kept")]
+    if refused:
+        print(f"\nThe promotion gate refused {', '.join(refused)}; reasons in metrics/eval/<round>.json")
 
 
 if __name__ == "__main__":

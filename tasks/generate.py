@@ -1,0 +1,104 @@
+"""Stage `generate@<round>`: sample responses to the round's prompts from the policy it starts from.
+
+`onpolicy.generate` sets the sampling (temperature, top_p, max_new_tokens, samples per prompt,
+batch size, seed). Each finished batch is kept in the round's checkpoint folder under a
+fingerprint of the policy, prompts and settings, and every batch is seeded from the seed and its
+index: a run killed part-way resumes at the first missing batch under `dvc repro` and writes the
+same responses an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tasks.common import atomic_path, claim_checkpoint_dir, exit_bad_input, stage_params, write_json
+from tasks.config import Params
+from tasks.records import load_records, render, write_records
+
+BATCH_SEED_STRIDE = 1_000_003
+
+
+def batch_seed(seed: int, index: int) -> int:
+    return seed * BATCH_SEED_STRIDE + index
+
+
+def sampling_fingerprint(params: Params, policy: Path, prompts: Path) -> dict:
+    from tasks.merge import directory_digest, file_digest
+
+    return {"policy": directory_digest(policy), "prompts": file_digest(prompts),
+            "generate": params.onpolicy.generate.model_dump(mode="json")}
+
+
+def generate_round(params: Params, policy: Path, prompts: Path, out: Path, checkpoints: Path, metrics: Path) -> dict:
+    """Sample every prompt's responses (resuming finished batches) and write them with their prompts."""
+    from tqdm import tqdm
+
+    settings = params.onpolicy.generate
+    rows = load_records(prompts)
+    per_call = max(1, settings.batch_size // settings.samples_per_prompt)
+    batches = [rows[i : i + per_call] for i in range(0, len(rows), per_call)]
+    resumed = claim_checkpoint_dir(checkpoints, sampling_fingerprint(params, policy, prompts))
+    done = {int(path.stem) for path in checkpoints.glob("*.jsonl")} if resumed else set()
+    backend, tokenizer = None, None
+    started = time.perf_counter()
+    for index, batch in enumerate(tqdm(batches, desc="generate", unit="batch", file=sys.stderr, mininterval=5)):
+        if index in done:
+            continue
+        if backend is None:
+            from tasks.generation import open_backend
+
+            backend = open_backend(settings.backend, policy, params.model)
+            tokenizer = backend.tokenizer
+        samples = backend.sample([render(tokenizer, row["prompt"]) for row in batch], settings,
+                                 batch_seed(settings.seed, index))
+        finished = [{**row, "responses": [s.text for s in group], "tokens": [s.tokens for s in group]}
+                    for row, group in zip(batch, samples)]
+        with atomic_path(checkpoints / f"{index:06d}.jsonl") as scratch:
+            write_records(scratch, finished)
+    seconds = time.perf_counter() - started
+    generated = [row for index in range(len(batches)) for row in load_records(checkpoints / f"{index:06d}.jsonl")]
+    with atomic_path(out) as scratch:
+        write_records(scratch, generated)
+    new_tokens = sum(sum(row["tokens"]) for row in generated)
+    responses = [text for row in generated for text in row["responses"]]
+    summary = {
+        "policy": str(policy),
+        "backend": settings.backend,
+        "sampling": settings.model_dump(mode="json"),
+        "prompts": len(generated),
+        "responses": len(responses),
+        "empty_responses": sum(1 for text in responses if not text),
+        "mean_response_chars": round(sum(map(len, responses)) / len(responses), 2) if responses else 0.0,
+        "new_tokens": new_tokens,
+        "batches": len(batches),
+        "resumed_batches": len(done & set(range(len(batches)))),
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(new_tokens / seconds, 1) if seconds > 0 and backend is not None else None,
+    }
+    write_json(metrics, summary)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--policy", type=Path, required=True, help="policy folder to sample from")
+    parser.add_argument("--prompts", type=Path, required=True, help="the round's prompts (from prompts@<round>)")
+    parser.add_argument("--out", type=Path, required=True, help="prompts with their sampled responses (JSON lines)")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="finished batches, for resuming")
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    params = stage_params(args.params)
+    if not args.prompts.exists():
+        exit_bad_input(f"--prompts {args.prompts}: no such file")
+    summary = generate_round(params, args.policy, args.prompts, args.out, args.checkpoints, args.metrics)
+    print(f"generate: {summary['responses']} responses to {summary['prompts']} prompts, {summary['new_tokens']} tokens"
+          f" in {summary['seconds']:.1f} s ({summary['tokens_per_second']} tokens/s), "
+          f"{summary['resumed_batches']} batches resumed")
+
+
+if __name__ == "__main__":
+    main()

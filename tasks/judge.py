@@ -1,0 +1,177 @@
+"""Stage `judge@<round>`: score every sampled response with the judge `onpolicy.judge` names.
+
+Judges (each `score(prompts, responses) -> scores`, higher is better):
+- `rule`: the built-in task's verifier (`tasks.builtin_task.verify`): `correct_weight` for a correct
+  answer plus `polite_weight` for the polite closing.
+- `reward_model`: any `AutoModelForSequenceClassification` (hub id or folder); the score is its
+  first logit on the conversation rendered with the policy's chat template or the model's own.
+- `function`: a user's `package.module:function(prompt, response) -> float`.
+The scores are written beside the samples, with the judge's identity (and content hashes of its
+code or weights) in the round's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import statistics
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from tasks.common import atomic_path, exit_bad_input, stage_params, write_json
+from tasks.config import JudgeParams, Params
+from tasks.records import DataError, load_records, render, write_records
+
+
+class Judge(Protocol):
+    identity: dict[str, Any]
+
+    def score(self, prompts: list[Any], responses: list[str]) -> list[float]: ...
+
+
+def _source_digest(obj) -> str:
+    return hashlib.sha256(Path(inspect.getsourcefile(obj)).read_bytes()).hexdigest()
+
+
+def _question(prompt: Any) -> str:
+    return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+class RuleJudge:
+    """The built-in task's verifier as a judge: correctness first, style second."""
+
+    def __init__(self, settings: JudgeParams):
+        from tasks import builtin_task
+
+        self.correct_weight, self.polite_weight = settings.correct_weight, settings.polite_weight
+        self.identity = {"kind": "rule", "verifier": "tasks.builtin_task:verify",
+                         "weights": {"correct": self.correct_weight, "polite": self.polite_weight},
+                         "source_sha256": _source_digest(builtin_task)}
+        self.verify = builtin_task.verify
+
+    def verdicts(self, prompts: list[Any], responses: list[str]) -> list:
+        verdicts = [self.verify(_question(prompt), response) for prompt, response in zip(prompts, responses)]
+        unknown = next((i for i, verdict in enumerate(verdicts) if verdict is None), None)
+        if unknown is not None:
+            raise DataError(f"rule judge: {_question(prompts[unknown])!r} is not a built-in task question "
+                            "(onpolicy.judge.kind: rule only knows data/generate.py's questions; use reward_model or function)")
+        return verdicts
+
+    def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
+        return [self.correct_weight * v.correct + self.polite_weight * v.polite for v in self.verdicts(prompts, responses)]
+
+
+class RewardModelJudge:
+    """A sequence-classification reward model; its first logit on the whole conversation is the score."""
+
+    def __init__(self, settings: JudgeParams, params: Params, policy: Path):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from tasks.common import has_cuda, load_tokenizer
+        from tasks.merge import directory_digest
+
+        self.settings = settings
+        kwargs = {"revision": settings.reward_model_revision, "trust_remote_code": params.model.trust_remote_code}
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.reward_model, **kwargs)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(settings.reward_model, **kwargs)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to("cuda" if has_cuda() else "cpu").eval()
+        self.template = load_tokenizer(str(policy), params.model) if settings.chat_template == "policy" else self.tokenizer
+        local = Path(settings.reward_model)
+        self.identity = {"kind": "reward_model", "model": settings.reward_model,
+                         "revision": settings.reward_model_revision, "chat_template": settings.chat_template,
+                         "sha256": directory_digest(local) if local.is_dir() else None}
+        self.torch = torch
+
+    def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
+        texts = [render(self.template, prompt, [{"role": "assistant", "content": response}]
+                        if isinstance(prompt, list) else response) for prompt, response in zip(prompts, responses)]
+        scores: list[float] = []
+        size = self.settings.batch_size
+        for start in range(0, len(texts), size):
+            batch = self.tokenizer(texts[start : start + size], return_tensors="pt", padding=True, truncation=True,
+                                   add_special_tokens=False).to(self.model.device)
+            with self.torch.no_grad():
+                scores.extend(self.model(**batch).logits[:, 0].float().tolist())
+        return scores
+
+
+class FunctionJudge:
+    """A user's scoring function, imported from `package.module:function`."""
+
+    def __init__(self, settings: JudgeParams):
+        module_name, _, function_name = settings.function.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            self.function: Callable[[Any, str], float] = getattr(module, function_name)
+        except (ImportError, AttributeError) as error:
+            raise DataError(f"onpolicy.judge.function: cannot import {settings.function!r}: {error}") from None
+        self.identity = {"kind": "function", "function": settings.function, "source_sha256": _source_digest(module)}
+
+    def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
+        scores = [self.function(prompt, response) for prompt, response in zip(prompts, responses)]
+        bad = next((s for s in scores if not isinstance(s, (int, float)) or isinstance(s, bool)), None)
+        if bad is not None:
+            raise DataError(f"onpolicy.judge.function {self.identity['function']} returned {bad!r}, not a number")
+        return [float(s) for s in scores]
+
+
+def open_judge(params: Params, policy: Path) -> Judge:
+    settings = params.onpolicy.judge
+    if settings.kind == "rule":
+        return RuleJudge(settings)
+    if settings.kind == "reward_model":
+        return RewardModelJudge(settings, params, policy)
+    return FunctionJudge(settings)
+
+
+def judge_round(params: Params, generations: Path, policy: Path, out: Path, metrics: Path) -> dict:
+    rows = load_records(generations)
+    judge = open_judge(params, policy)
+    prompts = [row["prompt"] for row in rows for _ in row["responses"]]
+    responses = [text for row in rows for text in row["responses"]]
+    scores = iter(judge.score(prompts, responses))
+    scored = [{**row, "scores": [next(scores) for _ in row["responses"]], "judge": judge.identity["kind"]} for row in rows]
+    with atomic_path(out) as scratch:
+        write_records(scratch, scored)
+    flat = [score for row in scored for score in row["scores"]]
+    summary: dict[str, Any] = {
+        "judge": judge.identity,
+        "responses": len(flat),
+        "mean_score": statistics.fmean(flat) if flat else None,
+        "prompts_with_spread": sum(1 for row in scored if row["scores"] and max(row["scores"]) > min(row["scores"])),
+    }
+    if isinstance(judge, RuleJudge) and responses:
+        verdicts = judge.verdicts(prompts, responses)
+        summary["correct_rate"] = statistics.fmean(v.correct for v in verdicts)
+        summary["polite_rate"] = statistics.fmean(v.polite for v in verdicts)
+    write_json(metrics, summary)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--generations", type=Path, required=True, help="sampled responses (from generate@<round>)")
+    parser.add_argument("--policy", type=Path, required=True, help="the sampling policy (its chat template)")
+    parser.add_argument("--out", type=Path, required=True, help="responses with their scores (JSON lines)")
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    params = stage_params(args.params)
+    try:
+        summary = judge_round(params, args.generations, args.policy, args.out, args.metrics)
+    except DataError as error:
+        exit_bad_input(f"bad data:\n{error}")
+    rates = "".join(f", {k} {summary[k]:.3f}" for k in ("correct_rate", "polite_rate") if k in summary)
+    print(f"judge ({summary['judge']['kind']}): {summary['responses']} responses, mean score "
+          f"{summary['mean_score']}{rates}")
+
+
+if __name__ == "__main__":
+    main()
