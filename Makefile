@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo test install check-tools params-reference clean serve stop run bench-orchestration
+.PHONY: demo test install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -58,6 +58,15 @@ run: $(STAMP)
 # Orchestration overhead of the flow on the demo and the time of a no-change run (prints a table).
 bench-orchestration: $(STAMP)
 	$(BIN)/python benchmarks/orchestration.py --compare-dvc
+
+# Two on-policy rounds of n pairs against one offline round of 2n pairs, same seeds (prints a table).
+bench-onpolicy: $(STAMP)
+	$(BIN)/python benchmarks/onpolicy.py
+
+# Tokens/s of the batched sampler against one prompt at a time (needs the demo's SFT policy).
+bench-generation: $(STAMP)
+	@test -d models/policies/sft || $(BIN)/dvc repro reference
+	$(BIN)/python benchmarks/generation.py --policy models/policies/sft
 
 params-reference: $(STAMP)
 	@$(BIN)/python -m tasks.config --markdown

@@ -41,7 +41,6 @@ FLOW_NAME = "sft-dpo"
 PARAMS_FILE = "params.yaml"
 SUMMARY_STAGE = "report"
 """The stage whose metrics file is the `{model: {metric: value}}` table shown as `eval-summary`."""
-NO_FRESH_DATA = "No fresh data"
 
 
 @dataclass
@@ -53,8 +52,6 @@ class RunPlan:
     """Changes kept after a successful run (the round `next_round` appends)."""
     this_run: dict[str, Any] = field(default_factory=dict)
     """Overrides for this run only; params.yaml is restored afterwards."""
-    missing_fresh_data: str | None = None
-    """Set when `next_round` found no pairs file for the new round: nothing is trained."""
 
 
 def plan_run(path: Path, overrides: dict[str, Any], rounds: int | None, next_round: bool) -> RunPlan:
@@ -64,22 +61,11 @@ def plan_run(path: Path, overrides: dict[str, Any], rounds: int | None, next_rou
     lasting: dict[str, Any] = {}
     if next_round:
         current = load_params(path, overrides)
-        extended = extended_rounds(current, len(current.dpo.rounds) + 1)
-        new_round, spec = list(extended.items())[-1]
-        if not (path.parent / spec["pairs"]).exists():
-            message = (f"no fresh preference data for round {new_round} ({spec['pairs']} does not exist; "
-                       "orchestration.next_round.pairs): nothing to train")
-            return RunPlan(current, missing_fresh_data=message)
-        lasting = {"dpo.rounds": extended}
+        lasting = {"dpo.rounds": extended_rounds(current, len(current.dpo.rounds) + 1)}
     this_run = dict(overrides)
     if rounds is not None:
         this_run["dpo.rounds"] = extended_rounds(load_params(path, {**lasting, **this_run}), rounds)
-    params = load_params(path, {**lasting, **this_run})
-    missing = [f"dpo.rounds.{name}.pairs: {spec.pairs} does not exist" for name, spec in params.dpo.rounds.items()
-               if not (path.parent / spec.pairs).exists()]
-    if missing:
-        raise ParamsError("\n".join(missing))
-    return RunPlan(params, lasting, this_run)
+    return RunPlan(load_params(path, {**lasting, **this_run}), lasting, this_run)
 
 
 @contextlib.contextmanager
@@ -177,8 +163,9 @@ def sft_dpo(overrides: dict[str, Any] | None = None, rounds: int | None = None, 
 
     Args:
         overrides: params.yaml keys for this run only, e.g. `{"dpo.loss.beta": 0.2}`; validated first.
-        rounds: number of DPO rounds for this run (appended rounds read `orchestration.next_round.pairs`).
-        next_round: append the next round to params.yaml's rounds (kept once the run succeeds) and run it.
+        rounds: number of DPO rounds for this run (appended rounds generate their own on-policy pairs).
+        next_round: append the next round to params.yaml's rounds (kept once the run succeeds) and run its
+            chain: prompts, generate, judge, pairs, reference log-probs, dpo, eval, gate, lineage.
         project: the project folder (holding dvc.yaml and params.yaml).
     """
     started = time.perf_counter()
@@ -187,11 +174,6 @@ def sft_dpo(overrides: dict[str, Any] | None = None, rounds: int | None = None, 
     params_path = root / PARAMS_FILE
     original = yaml.safe_load(params_path.read_text(encoding="utf-8"))
     plan = plan_run(params_path, overrides or {}, rounds, next_round)
-    if plan.missing_fresh_data:
-        logger.info(plan.missing_fresh_data)
-        create_markdown_artifact(key="run-report", markdown=f"## {NO_FRESH_DATA}\n\n{plan.missing_fresh_data}\n",
-                                 description="Stage outcomes of the sft-dpo run")
-        return Completed(name=NO_FRESH_DATA, message=plan.missing_fresh_data)
     experiment, notes = None, []
     with params_applied(params_path, plan):
         graph = read_graph(root)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("tasks", "flows", "data/builtin", "data/generate.py", "dvc.yaml", "params.yaml", "prefect.toml")
+COPIED = ("tasks", "flows", "data/builtin", "data/incoming", "data/generate.py", "dvc.yaml", "params.yaml", "prefect.toml")
 
 # Before Prefect is imported anywhere: no telemetry, and Prefect's files in a temporary folder, not the project's.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -34,8 +34,11 @@ def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.Complet
     return result
 
 
-def make_project(target: Path, edit_params=None) -> Path:
-    """A git + DVC repository holding a copy of the project's pipeline (and optional params edits)."""
+def make_project(target: Path, edit_params=None, cache: Path | None = None) -> Path:
+    """A git + DVC repository holding a copy of the project's pipeline (and optional params edits).
+
+    `cache`: another project's DVC cache to share, so stages it already ran are restored from its run-cache.
+    """
     for name in COPIED:
         source = ROOT / name
         destination = target / name
@@ -51,6 +54,8 @@ def make_project(target: Path, edit_params=None) -> Path:
     run(["git", "init", "-q"], target)
     run([sys.executable, "-m", "dvc", "init", "-q"], target)
     shutil.copy(ROOT / ".dvc" / "config", target / ".dvc" / "config")
+    if cache is not None:
+        run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(cache)], target)
     (target / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     run(["git", "add", "-A"], target)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init"], target)

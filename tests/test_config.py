@@ -36,7 +36,9 @@ def test_shipped_params_are_valid():
         (lambda p: p["dpo"].update(betaa=0.1), "dpo.betaa: unknown key"),
         (lambda p: p["sft"]["train"].update(batch_size="eight"), "sft.train.batch_size: Input should be a valid integer"),
         (lambda p: p["dpo"]["rounds"]["r2"].update(previous="sft"), "round r2: previous must be 'r1'"),
-        (lambda p: p["dpo"]["loss"].update(weights=[1.0, 0.5]), "weights has 2 entries but types has 1"),
+        (lambda p: p["dpo"]["loss"].update(weights=[1.0, 0.5, 0.1]), "weights has 3 entries but types has 2"),
+        (lambda p: p["onpolicy"]["judge"].update(kind="reward_model"), "kind reward_model needs reward_model"),
+        (lambda p: p["onpolicy"]["generate"].update(samples_per_prompt=1), "onpolicy.generate.samples_per_prompt: Input should be greater than or equal to 2"),
     ],
 )
 def test_bad_param_names_key_and_line(tmp_path, edit, expected):

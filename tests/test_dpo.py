@@ -23,7 +23,7 @@ def chinese_pair(i: int) -> dict:
 
 def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
     from tasks.base import build_base
-    from tasks.pairs import prepare_pairs
+    from tasks.pairs import build_pairs
     from tasks.reference_logps import compute_reference_logps
 
     raw = tmp_path / "zh.jsonl"
@@ -33,8 +33,9 @@ def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
     base = tmp_path / "base"
     build_base(params.model, raw, base)
     prepared = tmp_path / "pairs.jsonl"
-    report = prepare_pairs(params, raw, base, prepared, tmp_path / "report.json")
-    assert report["kept"] == 12 and report["dropped"] == 0
+    (tmp_path / "no_responses.jsonl").write_text("")
+    report = build_pairs(params, tmp_path / "no_responses.jsonl", raw, base, prepared, tmp_path / "report.json")
+    assert report["pairs"] == report["human_pairs"] == 12 and report["dropped"] == 0
     compute_reference_logps(params, base, prepared, prepared, tmp_path / "reflogps")
     stored = [json.loads(line) for line in (tmp_path / "reflogps" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert stored[0]["chosen"][0]["content"] == "等于 0。很高兴帮忙 🙂" and stored[0]["ref_chosen_logps"] < 0

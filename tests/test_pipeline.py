@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -18,7 +19,9 @@ def stages_run(log: str) -> set[str]:
 
 def test_every_stage_ran(pipeline):
     ran = stages_run((pipeline / "first_repro.log").read_text())
-    assert {"base", "prepare", "sft", "reference", "dpo@r1", "dpo@r2", "merge", "eval_merged", "report"} <= ran
+    rounds = {f"{stage}@{name}" for name in ("r1", "r2") for stage in
+              ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval", "gate", "lineage")}
+    assert {"base", "prepare", "sft", "reference", "eval_sft", "merge", "eval_merged", "report"} | rounds == ran
 
 
 def test_sft_loss_fell(pipeline):
@@ -32,26 +35,51 @@ def test_first_dpo_step_loss_is_ln2_when_policy_equals_reference(pipeline):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
-def test_dpo_raises_heldout_preference_accuracy_without_collapse(pipeline):
+def test_onpolicy_dpo_raises_heldout_preference_accuracy_without_collapse(pipeline):
     scores = read_json(pipeline / "metrics" / "eval.json")
-    assert list(scores) == ["sft", "r1", "r2", "merged"]
-    assert scores["r2"]["preference_accuracy"] > scores["sft"]["preference_accuracy"] + 0.05
+    assert [name for name in scores if not name.endswith("*")] == ["sft", "r1", "r2", "merged"]
+    candidate = read_json(pipeline / "metrics" / "eval" / "candidate_r1.json")
+    assert candidate["preference_accuracy"] > scores["sft"]["preference_accuracy"] + 0.05
     for name in ("r1", "r2"):
         assert read_json(pipeline / "metrics" / f"dpo_{name}.json")["quality"] == "ok"
+
+
+def test_round_pairs_come_from_the_policys_own_judged_samples(pipeline):
+    generations = [json.loads(line) for line in (pipeline / "data/rounds/r1/generations.jsonl").read_text().splitlines()]
+    responses = {text for row in generations for text in row["responses"]}
+    pairs = [json.loads(line) for line in (pipeline / "data/prepared/pairs/r1.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"][0]["content"] in responses and p["rejected"][0]["content"] in responses
+                         for p in pairs)
+    report = read_json(pipeline / "metrics" / "rounds" / "r1" / "pairs.json")
+    assert report["pairs"] == len(pairs) == report["prompts"] - report["ties_dropped"] - report["degenerate_dropped"]
+
+
+def test_lineage_ties_each_round_together_by_content_hash(pipeline):
+    from tasks.merge import directory_digest, file_digest
+
+    lineage = read_json(pipeline / "metrics" / "rounds" / "r1" / "lineage.json")
+    assert lineage["prompts"]["sha256"] == file_digest(pipeline / "data/rounds/r1/prompts.jsonl")
+    assert lineage["pairs"]["sha256"] == file_digest(pipeline / "data/prepared/pairs/r1.jsonl")
+    assert lineage["checkpoint"]["sha256"] == directory_digest(pipeline / "models/candidates/r1")
+    assert lineage["scores"]["judge"]["kind"] == "rule" and lineage["generations"]["sampling"]["samples_per_prompt"] == 8
+    assert {"chosen_tokens_mean", "rejected_tokens_mean", "mean_score_gap"} <= set(lineage["pairs"])
+    assert lineage["gate"]["promoted"] == read_json(pipeline / "metrics" / "eval" / "r1.json")["promoted"]
 
 
 def test_dpo_changed_the_trained_parameters(pipeline):
     from safetensors.torch import load_file
 
     before = load_file(pipeline / "models" / "policies" / "sft" / "model.safetensors")
-    after = load_file(pipeline / "models" / "policies" / "r1" / "model.safetensors")
+    after = load_file(pipeline / "models" / "candidates" / "r1" / "model.safetensors")
     changed = [name for name in before if not (before[name] == after[name]).all()]
     assert changed and any("q_proj" in name for name in changed)
 
 
 def test_merged_model_matches_adapter_and_loads_without_project_code(pipeline):
     metrics = read_json(pipeline / "metrics" / "merge.json")
-    assert metrics["merged_adapter"] and metrics["max_logit_difference"] <= 1e-4
+    assert metrics["round"] == read_json(pipeline / "metrics" / "eval" / "r2.json")["source"]
+    assert metrics["merged_adapter"] == (metrics["round"] != "sft")
+    assert metrics.get("max_logit_difference", 0.0) <= 1e-4
     merged = pipeline / "models" / "merged"
     code = "from transformers import AutoModelForCausalLM as M; M.from_pretrained('.'); print('loaded')"
     assert "loaded" in run([sys.executable, "-c", code], merged).stdout
@@ -82,6 +110,7 @@ def test_stored_reference_logps_equal_a_direct_computation(pipeline):
 
 
 def test_second_repro_runs_nothing_and_beta_change_reruns_only_dpo_onwards(pipeline):
+    """beta changes round 1's policy, so round 2 samples afresh from it; round 1's data is kept."""
     second = run([sys.executable, "-m", "dvc", "repro"], pipeline).stdout
     assert stages_run(second) == set()
 
@@ -89,6 +118,6 @@ def test_second_repro_runs_nothing_and_beta_change_reruns_only_dpo_onwards(pipel
     params["dpo"]["loss"]["beta"] = 0.2
     (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = stages_run(run([sys.executable, "-m", "dvc", "repro"], pipeline).stdout)
-    assert {"dpo@r1", "dpo@r2", "merge", "eval@r1", "eval@r2", "eval_merged", "report"} <= third
-    assert not third & {"base", "prepare", "pairs@r1", "sft", "reference", "reference_logps@r1", "reference_logps@r2",
-                        "eval_sft"}
+    assert {"dpo@r1", "eval@r1", "gate@r1", "dpo@r2", "eval@r2", "merge", "eval_merged", "report"} <= third
+    assert not third & {"base", "prepare", "sft", "reference", "eval_sft", "prompts@r1", "generate@r1", "judge@r1",
+                        "pairs@r1", "reference_logps@r1", "prompts@r2"}

@@ -1,4 +1,5 @@
-"""tasks/prepare.py and tasks/pairs.py: bad lines are reported as file:line and nothing is written."""
+"""tasks/prepare.py, and the pairs files a user drops in for a round (tasks/prompts.py validates them,
+tasks/pairs.py reports on them): bad lines are reported as file:line and nothing is written."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 
 from tasks.config import load_params
 from tasks.records import DataError, read_records
-from tasks.pairs import prepare_pairs
+from tasks.pairs import build_pairs
 from tasks.prepare import prepare
+from tasks.prompts import draw_prompts, incoming_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_PAIR = {"prompt": "2+2?", "chosen": " 4", "rejected": " 5"}
@@ -44,13 +46,21 @@ def write_lines(path: Path, lines: list[str]) -> Path:
         (json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "score": 1}), "unknown field(s) score"),
     ],
 )
-def test_each_bad_pair_line_is_reported_and_nothing_written(tmp_path, base, line, reason):
-    pairs = write_lines(tmp_path / "pairs.jsonl", [json.dumps(GOOD_PAIR), line])
-    out = tmp_path / "out.jsonl"
+def test_each_bad_human_pair_line_is_reported_and_nothing_written(tmp_path, line, reason):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    pairs = write_lines(incoming / "r1.jsonl", [json.dumps(GOOD_PAIR), line])
+    outputs = [tmp_path / "prompts.jsonl", tmp_path / "human.jsonl", tmp_path / "report.json"]
     with pytest.raises(DataError) as error:
-        prepare_pairs(load_params(ROOT / "params.yaml"), pairs, base, out, tmp_path / "report.json")
+        draw_prompts(load_params(ROOT / "params.yaml"), "r1", ROOT / "data/builtin/prompts.jsonl", incoming, *outputs)
     assert f"{pairs}:2: {reason}" in str(error.value)
-    assert not out.exists() and not (tmp_path / "report.json").exists()
+    assert not any(path.exists() for path in outputs)
+
+
+def human_pairs_report(params, pairs: Path, base: Path, tmp_path: Path) -> dict:
+    """The pairs stage's report on a round with no judged responses and `pairs` as its human pairs."""
+    scored = write_lines(tmp_path / "scored.jsonl", [])
+    return build_pairs(params, scored, pairs, base, tmp_path / "out.jsonl", tmp_path / "report.json")
 
 
 def test_bad_sft_lines_fail_prepare_with_every_line_listed(tmp_path, base):
@@ -73,19 +83,20 @@ def test_drop_policy_drops_within_budget_and_reports_why(tmp_path, base):
     rows.append(json.dumps(GOOD_PAIR))  # a duplicate
     pairs = write_lines(tmp_path / "pairs.jsonl", rows)
     params = load_params(ROOT / "params.yaml", {"data.on_bad_lines": "drop", "data.max_bad_fraction": 0.1})
-    report = prepare_pairs(params, pairs, base, tmp_path / "out.jsonl", tmp_path / "report.json")
+    rows, report = incoming_pairs(params, pairs)
     assert report["dropped"] == 1 and report["dropped_reasons"] == {"not valid JSON (Expecting value)": 1}
-    assert report["duplicates_removed"] == 1 and report["kept"] == 31
+    assert report["duplicates_removed"] == 1 and report["kept"] == 31 == len(rows)
     strict = load_params(ROOT / "params.yaml", {"data.on_bad_lines": "drop", "data.max_bad_fraction": 0.01})
     with pytest.raises(DataError, match="more than data.max_bad_fraction"):
-        prepare_pairs(strict, pairs, base, tmp_path / "out2.jsonl", tmp_path / "report2.json")
+        incoming_pairs(strict, pairs)
 
 
 def test_report_counts_truncation_and_token_lengths(tmp_path, base):
     long_pair = {**GOOD_PAIR, "chosen": " four" * 200}
     pairs = write_lines(tmp_path / "pairs.jsonl", [json.dumps(GOOD_PAIR), json.dumps(long_pair)])
-    report = prepare_pairs(load_params(ROOT / "params.yaml"), pairs, base, tmp_path / "out.jsonl", tmp_path / "r.json")
+    report = human_pairs_report(load_params(ROOT / "params.yaml"), pairs, base, tmp_path)
     assert report["truncated_rows"] == 1 and report["tokens_max"] > report["max_length"]
+    assert report["human_pairs"] == report["pairs"] == 2 and report["chosen_chars_mean"] > report["rejected_chars_mean"]
 
 
 def test_conversational_chinese_and_emoji_pairs_are_valid(tmp_path):

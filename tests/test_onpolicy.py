@@ -1,0 +1,240 @@
+"""The on-policy round stages: tasks/prompts.py, generate.py (+ generation.py), judge.py, pairs.py, gate.py.
+
+Unit checks first, then the stages on the micro pipeline's SFT policy, then a DVC project with a
+planted regression: the gate refuses it, the next round starts from the last promoted policy, a
+round killed mid-generation resumes, and an appended round re-runs only itself and what follows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_project, micro, read_json, run
+from tasks.config import JudgeParams, PairParams, load_params
+from tasks.records import DataError, load_records, write_records
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = [{"role": "user", "content": "What is 3 plus 4?"}]
+
+
+def test_round_slices_do_not_reuse_prompts_until_the_pool_runs_out():
+    from tasks.prompts import round_slice
+
+    first, reused_first = round_slice(320, 160, 0, seed=0)
+    second, reused_second = round_slice(320, 160, 1, seed=0)
+    third, reused_third = round_slice(320, 160, 2, seed=0)
+    assert len(set(first)) == len(set(second)) == 160 and not set(first) & set(second)
+    assert reused_first == reused_second == 0 and reused_third == 160 and set(third) == set(first)
+    assert round_slice(320, 160, 0, seed=1)[0] != first
+
+
+def test_rule_judge_scores_known_good_and_bad_answers():
+    from tasks.judge import RuleJudge
+
+    judge = RuleJudge(JudgeParams(correct_weight=1.0, polite_weight=0.5))
+    answers = ["The answer is 7. Happy to help!", "The answer is 7.", "The answer is 8. Happy to help!", "Seven?"]
+    assert judge.score([QUESTION] * 4, answers) == [1.5, 1.0, 0.5, 0.0]
+    assert judge.identity["kind"] == "rule" and len(judge.identity["source_sha256"]) == 64
+    with pytest.raises(DataError, match="not a built-in task question"):
+        judge.score(["Write a haiku."], ["An old pond."])
+
+
+def test_function_judge_is_imported_by_path(tmp_path, monkeypatch):
+    from tasks.judge import FunctionJudge
+
+    (tmp_path / "my_judges.py").write_text("def shortest(prompt, response):\n    return -len(response)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    judge = FunctionJudge(JudgeParams(kind="function", function="my_judges:shortest"))
+    assert judge.score([QUESTION, QUESTION], ["ab", "abcd"]) == [-2.0, -4.0]
+    with pytest.raises(DataError, match="cannot import 'my_judges:missing'"):
+        FunctionJudge(JudgeParams(kind="function", function="my_judges:missing"))
+
+
+def test_best_worst_pairs_pick_the_extremes_and_drop_ties_and_degenerate_prompts():
+    from tasks.pairs import judged_pairs, prompt_pairs
+
+    settings = PairParams(strategy="best_worst", min_gap=0.25)
+    assert prompt_pairs([0.5, 1.5, 0.0, 1.0], ["a", "b", "c", "d"], settings) == ([(1, 2)], None)
+    assert prompt_pairs([1.0, 1.0, 1.1], ["a", "b", "c"], settings) == ([], "tie")
+    assert prompt_pairs([1.5, 0.0], ["same", "same"], settings) == ([], "degenerate")
+    assert prompt_pairs([1.5, 0.0], ["", "x"], settings) == ([], "degenerate")
+    rows = [{"prompt": QUESTION, "responses": ["good", "bad"], "scores": [1.5, 0.0]},
+            {"prompt": QUESTION, "responses": ["x", "y"], "scores": [1.0, 1.0]}]
+    pairs, stats = judged_pairs(rows, settings)
+    assert pairs == [{"prompt": QUESTION, "chosen": [{"role": "assistant", "content": "good"}],
+                      "rejected": [{"role": "assistant", "content": "bad"}]}]
+    assert stats == {"prompts": 2, "ties_dropped": 1, "degenerate_dropped": 0, "mean_score_gap": 1.5}
+
+
+def test_margin_pairs_keep_every_wide_enough_gap_widest_first():
+    from tasks.pairs import prompt_pairs
+
+    settings = PairParams(strategy="margin", min_gap=0.5, max_pairs_per_prompt=2)
+    pairs, _ = prompt_pairs([1.5, 1.0, 0.0], ["a", "b", "c"], settings)
+    assert pairs == [(0, 2), (1, 2)]
+
+
+def test_gate_names_every_regression_beyond_its_tolerance():
+    from tasks.config import GateParams
+    from tasks.gate import refusals
+
+    gate = GateParams(max_task_accuracy_drop=0.05, max_perplexity_rise=0.5, require_guard_ok=True)
+    baseline = {"task_accuracy": 0.60, "perplexity": 100.0}
+    assert refusals(gate, {"task_accuracy": 0.56, "perplexity": 149.0}, baseline, {"quality": "ok"}) == []
+    reasons = refusals(gate, {"task_accuracy": 0.50, "perplexity": 151.0}, baseline,
+                       {"quality": "failed-quality", "guard_reasons": ["sanity"]})
+    assert len(reasons) == 3 and "task_accuracy fell 0.6000 -> 0.5000" in reasons[0] and "+51.0%" in reasons[1]
+
+
+def round_prompts(pipeline: Path, tmp_path: Path, count: int) -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    write_records(prompts, load_records(pipeline / "data" / "rounds" / "r1" / "prompts.jsonl")[:count])
+    return prompts
+
+
+def test_generation_is_deterministic_under_a_seed_and_resumes_batch_by_batch(pipeline, tmp_path):
+    from tasks.generate import generate_round
+
+    params = load_params(pipeline / "params.yaml", {"onpolicy.generate.batch_size": 16})
+    policy, prompts = pipeline / "models" / "policies" / "sft", round_prompts(pipeline, tmp_path, 10)
+    first = generate_round(params, policy, prompts, tmp_path / "a.jsonl", tmp_path / "ckpt_a", tmp_path / "a.json")
+    generate_round(params, policy, prompts, tmp_path / "b.jsonl", tmp_path / "ckpt_b", tmp_path / "b.json")
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    rows = load_records(tmp_path / "a.jsonl")
+    assert first["batches"] == 5 and len(rows) == 10 and all(len(row["responses"]) == 8 for row in rows)
+    assert first["new_tokens"] > 0 and first["resumed_batches"] == 0
+
+    (tmp_path / "ckpt_a" / "000003.jsonl").unlink()
+    resumed = generate_round(params, policy, prompts, tmp_path / "c.jsonl", tmp_path / "ckpt_a", tmp_path / "c.json")
+    assert resumed["resumed_batches"] == 4 and (tmp_path / "c.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
+
+    reseeded = load_params(pipeline / "params.yaml", {"onpolicy.generate.batch_size": 16, "onpolicy.generate.seed": 1})
+    generate_round(reseeded, policy, prompts, tmp_path / "d.jsonl", tmp_path / "ckpt_a", tmp_path / "d.json")
+    assert (tmp_path / "d.jsonl").read_text() != (tmp_path / "a.jsonl").read_text()
+
+
+def tiny_reward_model(policy: Path, out: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_reward_model_judge_scores_with_a_local_sequence_classifier(pipeline, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tasks.judge import judge_round
+
+    policy = pipeline / "models" / "policies" / "sft"
+    reward_model = tiny_reward_model(policy, tmp_path / "rm")
+    generations = tmp_path / "generations.jsonl"
+    write_records(generations, load_records(pipeline / "data" / "rounds" / "r1" / "generations.jsonl")[:3])
+    params = load_params(pipeline / "params.yaml", {"onpolicy.judge.kind": "reward_model",
+                                                    "onpolicy.judge.reward_model": str(reward_model)})
+    summary = judge_round(params, generations, policy, tmp_path / "scored.jsonl", tmp_path / "judge.json")
+    assert summary["judge"]["kind"] == "reward_model" and len(summary["judge"]["sha256"]) == 64
+    scored = load_records(tmp_path / "scored.jsonl")
+    assert all(len(row["scores"]) == len(row["responses"]) for row in scored)
+
+    row = scored[0]
+    tokenizer = AutoTokenizer.from_pretrained(reward_model)
+    text = tokenizer.apply_chat_template(row["prompt"] + [{"role": "assistant", "content": row["responses"][0]}],
+                                         tokenize=False)
+    with torch.no_grad():
+        model = AutoModelForSequenceClassification.from_pretrained(reward_model)
+        direct = model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+    assert row["scores"][0] == pytest.approx(direct, abs=1e-4)
+
+
+def destructive(params: dict) -> None:
+    """A planted regression: DPO steps far too large for the model."""
+    micro(params)
+    params["dpo"]["train"]["learning_rate"] = 0.05
+    params["dpo"]["train"]["max_steps"] = 10
+
+
+@pytest.fixture(scope="module")
+def regressed(pipeline, tmp_path_factory) -> tuple[Path, str]:
+    """A micro project whose rounds regress; SFT and its eval come from the pipeline's run-cache."""
+    project = make_project(tmp_path_factory.mktemp("regressed"), destructive, cache=pipeline / ".dvc" / "cache")
+    return project, run([sys.executable, "-m", "dvc", "repro"], project).stdout
+
+
+def test_gate_refuses_the_regression_and_the_next_round_starts_from_the_last_promoted_policy(regressed):
+    from tasks.merge import file_digest
+
+    project, log = regressed
+    assert "Running stage 'sft'" not in log, "SFT should come from the shared run-cache"
+    decision = read_json(project / "metrics" / "eval" / "r1.json")
+    assert decision["promoted"] is False and decision["source"] == "sft" and decision["reasons"]
+    policies = project / "models" / "policies"
+    assert file_digest(policies / "r1" / "model.safetensors") == file_digest(policies / "sft" / "model.safetensors")
+    assert read_json(project / "metrics" / "rounds" / "r2" / "generate.json")["policy"] == "models/policies/r1"
+    lineage = read_json(project / "metrics" / "rounds" / "r1" / "lineage.json")
+    assert lineage["gate"]["promoted"] is False and lineage["gate"]["reasons"] == decision["reasons"]
+    final_source = read_json(project / "metrics" / "eval" / "r2.json")["source"]
+    assert read_json(project / "metrics" / "merge.json")["round"] == final_source
+    assert "refused" in log and "kept sft" in log
+
+
+def test_round_killed_mid_generation_resumes_under_dvc_repro(regressed, tmp_path):
+    from tasks.generate import generate_round
+
+    project, _ = regressed
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["onpolicy"]["generate"]["seed"] = 7
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    batches = project / "checkpoints" / "generate_r1"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DVC_SITE_CACHE_DIR": str(project / ".dvc" / "site_cache")}
+    repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(batches.glob("0*.jsonl"))) < 3 and time.monotonic() < deadline and repro.poll() is None:
+        time.sleep(0.1)
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.wait()
+    finished_before_kill = len(list(batches.glob("0*.jsonl")))
+    assert 3 <= finished_before_kill < 20, "the kill should land mid-generation"
+
+    log = run([sys.executable, "-m", "dvc", "repro"], project).stdout
+    summary = read_json(project / "metrics" / "rounds" / "r1" / "generate.json")
+    assert summary["resumed_batches"] >= finished_before_kill and "batches resumed" in log
+
+    fresh = load_params(project / "params.yaml")
+    generate_round(fresh, project / "models" / "policies" / "sft", project / "data" / "rounds" / "r1" / "prompts.jsonl",
+                   tmp_path / "uninterrupted.jsonl", tmp_path / "ckpt", tmp_path / "m.json")
+    resumed = project / "data" / "rounds" / "r1" / "generations.jsonl"
+    assert resumed.read_text() == (tmp_path / "uninterrupted.jsonl").read_text()
+
+
+def test_adding_round_three_reruns_only_round_three_and_what_follows(regressed):
+    project, _ = regressed
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["dpo"]["rounds"]["r3"] = {"previous": "r2", "reference": "sft"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = run([sys.executable, "-m", "dvc", "repro"], project).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", log))
+    chain = {f"{stage}@r3" for stage in ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval",
+                                          "gate", "lineage")}
+    assert chain <= ran <= chain | {"merge", "eval_merged", "report"}
+    prompts = read_json(project / "metrics" / "rounds" / "r3" / "prompts.json")
+    assert prompts["pool_exhausted"] and prompts["reused_prompts"] == 160 and "prompt pool is exhausted" in log
