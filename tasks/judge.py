@@ -79,8 +79,8 @@ class RewardModelJudge:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(settings.reward_model, **kwargs)
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        # The score is read at the last token that is not padding: the model must know the pad the tokenizer uses.
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to("cuda" if has_cuda() else "cpu").eval()
         self.template = load_tokenizer(str(policy), params.model) if settings.chat_template == "policy" else self.tokenizer
         local = Path(settings.reward_model)

@@ -29,10 +29,14 @@ def test_sft_loss_fell(pipeline):
     assert metrics["train_loss_last"] < 0.25 * metrics["train_loss_first"]
 
 
-def test_first_dpo_step_loss_is_ln2_when_policy_equals_reference(pipeline):
+def test_first_dpo_step_sees_policy_equal_to_reference(pipeline):
+    """Stored reference log-probs match the policy at step 1: zero rewards (the sigmoid term is ln 2; the
+    default loss adds an SFT term on the chosen responses)."""
     first = read_json(pipeline / "plots" / "dpo_r1.json")[0]
     assert first["step"] == 1
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert first["loss"] > math.log(2) - 1e-4
 
 
 def test_onpolicy_dpo_raises_heldout_preference_accuracy_without_collapse(pipeline):
