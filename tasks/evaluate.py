@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tasks.common import has_cuda, load_tokenizer, stage_params, write_json
 from tasks.config import Params
-from tasks.records import load_records, render, write_records
+from tasks.records import last_content, load_records, render, write_records
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 REPORTED = {
@@ -26,14 +26,10 @@ REPORTED = {
 }
 
 
-def _text(value) -> str:
-    return value if isinstance(value, str) else value[-1]["content"]
-
-
 def _continuation(tokenizer, prompt, response, context: str) -> str:
     """The response exactly as it follows the rendered prompt (end-of-turn token included)."""
     full = render(tokenizer, prompt, response)
-    return full[len(context) :] if full.startswith(context) else _text(response)
+    return full[len(context) :] if full.startswith(context) else last_content(response)
 
 
 def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -> dict[str, list[dict]]:
@@ -48,7 +44,8 @@ def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -
         })
         if context not in seen:
             seen.add(context)
-            generation.append({"context": context, "question": _text(pair["prompt"]), "chosen": _text(pair["chosen"])})
+            generation.append({"context": context, "question": last_content(pair["prompt"]),
+                               "chosen": last_content(pair["chosen"])})
     perplexity = []
     for row in sft_heldout:
         prompt, completion = (row["messages"][:-1], row["messages"][-1:]) if "messages" in row else (

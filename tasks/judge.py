@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol
 
 from tasks.common import atomic_path, exit_bad_input, stage_params, write_json
 from tasks.config import JudgeParams, Params
-from tasks.records import DataError, load_records, render, write_records
+from tasks.records import DataError, last_content, load_records, render, write_records
 
 
 class Judge(Protocol):
@@ -33,10 +33,6 @@ class Judge(Protocol):
 
 def _source_digest(obj) -> str:
     return hashlib.sha256(Path(inspect.getsourcefile(obj)).read_bytes()).hexdigest()
-
-
-def _question(prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
 class RuleJudge:
@@ -52,10 +48,10 @@ class RuleJudge:
         self.verify = builtin_task.verify
 
     def verdicts(self, prompts: list[Any], responses: list[str]) -> list:
-        verdicts = [self.verify(_question(prompt), response) for prompt, response in zip(prompts, responses)]
+        verdicts = [self.verify(last_content(prompt), response) for prompt, response in zip(prompts, responses)]
         unknown = next((i for i, verdict in enumerate(verdicts) if verdict is None), None)
         if unknown is not None:
-            raise DataError(f"rule judge: {_question(prompts[unknown])!r} is not a built-in task question "
+            raise DataError(f"rule judge: {last_content(prompts[unknown])!r} is not a built-in task question "
                             "(onpolicy.judge.kind: rule only knows data/generate.py's questions; use reward_model or function)")
         return verdicts
 
@@ -67,7 +63,6 @@ class RewardModelJudge:
     """A sequence-classification reward model; its first logit on the whole conversation is the score."""
 
     def __init__(self, settings: JudgeParams, params: Params, policy: Path):
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from tasks.common import has_cuda, load_tokenizer
@@ -87,9 +82,10 @@ class RewardModelJudge:
         self.identity = {"kind": "reward_model", "model": settings.reward_model,
                          "revision": settings.reward_model_revision, "chat_template": settings.chat_template,
                          "sha256": directory_digest(local) if local.is_dir() else None}
-        self.torch = torch
 
     def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
+        import torch
+
         texts = [render(self.template, prompt, [{"role": "assistant", "content": response}]
                         if isinstance(prompt, list) else response) for prompt, response in zip(prompts, responses)]
         scores: list[float] = []
@@ -97,7 +93,7 @@ class RewardModelJudge:
         for start in range(0, len(texts), size):
             batch = self.tokenizer(texts[start : start + size], return_tensors="pt", padding=True, truncation=True,
                                    add_special_tokens=False).to(self.model.device)
-            with self.torch.no_grad():
+            with torch.no_grad():
                 scores.extend(self.model(**batch).logits[:, 0].float().tolist())
         return scores
 

@@ -25,6 +25,7 @@ from tasks.records import (
     DataError,
     enforce_bad_line_policy,
     file_report,
+    last_content,
     load_records,
     read_records,
     token_length_report,
@@ -34,10 +35,6 @@ from tasks.records import (
 
 def _response(prompt: Any, text: str) -> Any:
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-
-
-def _text(response: Any) -> str:
-    return response if isinstance(response, str) else response[-1]["content"]
 
 
 def prompt_pairs(scores: list[float], texts: list[str], settings: PairParams) -> tuple[list[tuple[int, int]], str | None]:
@@ -50,8 +47,7 @@ def prompt_pairs(scores: list[float], texts: list[str], settings: PairParams) ->
         worst = min(usable, key=lambda i: scores[i])
         candidates = [(best, worst)]
     else:
-        ordered = sorted(itertools.permutations(usable, 2), key=lambda pair: scores[pair[1]] - scores[pair[0]])
-        candidates = ordered
+        candidates = sorted(itertools.permutations(usable, 2), key=lambda pair: scores[pair[1]] - scores[pair[0]])
     wide = [(c, r) for c, r in candidates if scores[c] - scores[r] >= settings.min_gap]
     if not wide:
         return [], "tie"
@@ -80,7 +76,7 @@ def length_stats(pairs: list[dict], tokenizer) -> dict[str, float | None]:
     """Mean length (characters and tokens) of chosen and of rejected responses."""
     stats: dict[str, float | None] = {}
     for side in ("chosen", "rejected"):
-        texts = [_text(pair[side]) for pair in pairs]
+        texts = [last_content(pair[side]) for pair in pairs]
         tokens = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
         stats[f"{side}_chars_mean"] = round(statistics.fmean(map(len, texts)), 2) if texts else None
         stats[f"{side}_tokens_mean"] = round(statistics.fmean(tokens), 2) if tokens else None

@@ -25,7 +25,7 @@ def round_slice(pool_size: int, per_round: int, round_index: int, seed: int) -> 
     start = round_index * per_round
     chosen = [order[position % pool_size] for position in range(start, start + per_round)]
     reused = sum(1 for position in range(start, start + per_round) if position >= pool_size)
-    return chosen, min(reused, per_round)
+    return chosen, reused
 
 
 def incoming_pairs(params: Params, incoming: Path) -> tuple[list[dict], dict]:

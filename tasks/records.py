@@ -191,6 +191,11 @@ def render(tokenizer, prompt: Any, response: Any = None) -> str:
     return prompt + (response or "")
 
 
+def last_content(value: Any) -> str:
+    """The text of a string field, or of the last message of a message-list field."""
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
 def row_texts(row: dict[str, Any], tokenizer) -> list[str]:
     """Every full sequence a row trains on (one for SFT, chosen and rejected for a pair)."""
     if "messages" in row:
