@@ -36,7 +36,7 @@ $(STAMP): requirements.lock pyproject.toml | check-tools
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m tasks.config --params params.yaml
+	$(BIN)/python -m tasks.lib.params_cli --params params.yaml
 	$(BIN)/dvc repro
 	@echo
 	@$(BIN)/python -m tasks.report --params params.yaml --print-only
@@ -69,7 +69,7 @@ bench-generation: $(STAMP)
 	$(BIN)/python benchmarks/generation.py --policy models/policies/sft
 
 params-reference: $(STAMP)
-	@$(BIN)/python -m tasks.config --markdown
+	@$(BIN)/python -m tasks.lib.params_cli --markdown
 
 clean:
 	rm -rf models data/prepared checkpoints logs plots metrics .dvc/site_cache

@@ -34,9 +34,10 @@ def main() -> None:
 
     import torch
 
-    from tasks.config import load_params
-    from tasks.generation import open_backend
-    from tasks.records import load_records, render
+    from tasks.lib.chat import render
+    from tasks.lib.files import load_records
+    from tasks.lib.generation import open_backend
+    from tasks.lib.params import load_params
 
     params = load_params(args.params)
     settings = params.onpolicy.generate

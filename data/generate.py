@@ -6,7 +6,7 @@ The task: single-digit addition asked in several phrasings. An answer can be
 model answers correctly in a mixed style. Preference pairs always choose the
 correct polite answer and reject an answer that breaks exactly one of the two
 properties, so DPO has a style preference (easy) and a correctness preference
-(harder) to learn. The rule verifier in ``tasks.builtin_task`` scores both.
+(harder) to learn. The rule verifier in ``tasks.lib.builtin_task`` scores both.
 ``prompts.jsonl`` is the pool the on-policy rounds sample their questions from (the
 SFT questions, so it holds no held-out fact x phrasing).
 

@@ -34,8 +34,10 @@ from flows.dvc_project import (
     save_experiment,
 )
 from flows.reports import changed_params, eval_summary_rows, guard_warnings, read_scores, run_report_markdown
-from tasks.common import BAD_INPUT_EXIT
-from tasks.config import ParamsError, Params, apply_overrides, extended_rounds, load_params, write_params
+from flows.params_file import extended_rounds, write_params
+from tasks.lib.params import ParamsError, apply_overrides, load_params
+from tasks.lib.schema import Params
+from tasks.lib.stage import BAD_INPUT_EXIT
 
 FLOW_NAME = "sft-dpo"
 PARAMS_FILE = "params.yaml"

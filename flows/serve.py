@@ -108,7 +108,7 @@ def _deployments(project: Path):
     from prefect.schedules import Cron
 
     from flows.pipeline import PARAMS_FILE, sft_dpo
-    from tasks.config import load_params
+    from tasks.lib.params import load_params
 
     plan = load_params(project / PARAMS_FILE).orchestration.next_round
     schedules = [Cron(plan.cron, timezone=plan.timezone)] if plan.cron else []

@@ -11,8 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-from tasks.common import BASE_SOURCE_FILE, atomic_path, is_builtin, stage_params, write_json
-from tasks.config import BuiltinModelParams, ModelParams
+from tasks.lib.files import atomic_path, write_json
+from tasks.lib.policies import BASE_SOURCE_FILE, is_builtin
+from tasks.lib.schema import BuiltinModelParams, ModelParams, Params
+from tasks.lib.stage import stage_main
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
@@ -113,14 +115,13 @@ def build_base(model: ModelParams, corpus: Path, out: Path) -> None:
             print(f"built-in base: {sum(p.numel() for p in network.parameters()):,} parameters, vocab {len(tokenizer)}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--corpus", type=Path, required=True, help="text the built-in tokenizer is trained on")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    params = stage_params(args.params)
+def run(params: Params, args: argparse.Namespace) -> None:
     build_base(params.model, args.corpus, args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={"--corpus": "text the built-in tokenizer is trained on",
+                                          "--out": "the base folder"})
 
 
 if __name__ == "__main__":

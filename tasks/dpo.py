@@ -14,23 +14,20 @@ import statistics
 import sys
 from pathlib import Path
 
-from tasks.common import (
-    atomic_path,
-    exit_bad_input,
-    load_model,
-    load_tokenizer,
+from tasks.lib.chat import render
+from tasks.lib.files import atomic_path, load_records, write_json
+from tasks.lib.hashing import file_digest
+from tasks.lib.policies import ADAPTER_DIR, load_model, load_tokenizer, merge_adapter, save_policy, scrub_local_paths
+from tasks.lib.schema import GuardParams, Params
+from tasks.lib.stage import exit_bad_input, stage_main
+from tasks.lib.training import (
+    REF_COLUMNS,
+    dpo_sequence_config,
     logged_history,
     lora_config,
     resume_checkpoint,
-    save_policy,
-    stage_params,
     training_arguments,
-    write_json,
 )
-from tasks.config import GuardParams, Params
-from tasks.merge import ADAPTER_DIR, file_digest, merge_adapter, scrub_local_paths
-from tasks.records import load_records, render
-from tasks.reference_logps import REF_COLUMNS, dpo_sequence_config
 
 PLOTTED = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -183,21 +180,7 @@ def shout(name: str, reasons: list[str]) -> None:
           + f"{bar}\n", file=sys.stderr)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--round", required=True, help="round name, a key of dpo.rounds")
-    parser.add_argument("--policy", type=Path, required=True, help="policy the round starts from")
-    parser.add_argument("--reference-logps", type=Path, required=True, help="the round's reference log-probs folder")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--checkpoints", type=Path, required=True)
-    parser.add_argument("--logs", type=Path, default=None, help="TensorBoard folder")
-    parser.add_argument("--plots", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
-    params = stage_params(args.params)
-    if args.round not in params.dpo.rounds:
-        exit_bad_input(f"--round {args.round}: not a key of dpo.rounds ({', '.join(params.dpo.rounds)})")
+def run(params: Params, args: argparse.Namespace) -> None:
     summary = train_round(params, args.round, args.policy, args.reference_logps, args.out, args.checkpoints,
                           args.logs, args.plots, args.metrics)
     print(json.dumps({k: v for k, v in summary.items() if k != "sanity_examples"}, indent=2))
@@ -205,6 +188,17 @@ def main() -> None:
         shout(args.round, summary["guard_reasons"])
         if params.dpo.guard.fail_run:
             exit_bad_input(f"round {args.round} failed the collapse guard (dpo.guard.fail_run: true)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, takes_round=True, paths={
+        "--policy": "policy the round starts from",
+        "--reference-logps": "the round's reference log-probs folder",
+        "--out": "the round's trained candidate policy",
+        "--checkpoints": "resumable trainer checkpoints",
+        "--plots": "per-step training curves (DVC plots file)",
+        "--metrics": "the stage's metrics (collapse guard verdict)",
+    }, optional_paths={"--logs": "TensorBoard folder"})
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from tasks.common import has_cuda, load_tokenizer, stage_params, write_json
-from tasks.config import Params
-from tasks.records import last_content, load_records, render, write_records
+from tasks.lib.chat import last_content, render
+from tasks.lib.files import load_records, write_json, write_records
+from tasks.lib.policies import has_cuda, load_tokenizer
+from tasks.lib.schema import Params
+from tasks.lib.stage import stage_main
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 REPORTED = {
@@ -93,17 +95,18 @@ def evaluate_model(params: Params, model: Path, eval_pairs: Path, sft_heldout: P
     return scores
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--model", type=Path, required=True, help="a model folder")
-    parser.add_argument("--eval-pairs", type=Path, required=True)
-    parser.add_argument("--sft-heldout", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True, help="JSON {metric: value}")
-    args = parser.parse_args()
-    params = stage_params(args.params)
+def run(params: Params, args: argparse.Namespace) -> None:
     scores = evaluate_model(params, args.model, args.eval_pairs, args.sft_heldout, args.out)
     print(f"{args.model}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={
+        "--model": "a model folder",
+        "--eval-pairs": "prepared held-out pairs",
+        "--sft-heldout": "held-out SFT rows",
+        "--out": "JSON {metric: value}",
+    })
 
 
 if __name__ == "__main__":

@@ -17,21 +17,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks.common import atomic_path, read_json, stage_params, write_json
-from tasks.config import SFT_POLICY, GateParams, Params
+from tasks.lib.files import atomic_path, read_json, write_json
+from tasks.lib.policies import PROMOTION_FILE, trained_round
+from tasks.lib.schema import GateParams, Params
+from tasks.lib.stage import stage_main
 
-PROMOTION_FILE = "promotion.json"
 METRICS = ("preference_accuracy", "task_accuracy", "correct", "polite", "perplexity")
 
 
 def policy_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     return {name: evaluation[name] for name in METRICS if name in evaluation}
-
-
-def trained_round(policy: Path) -> str:
-    """The round whose training a policy folder holds (`sft` for the SFT snapshot)."""
-    promotion = Path(policy) / PROMOTION_FILE
-    return read_json(promotion)["source"] if promotion.exists() else SFT_POLICY
 
 
 def refusals(gate: GateParams, candidate: dict[str, float], baseline: dict[str, float], guard: dict) -> list[str]:
@@ -75,19 +70,7 @@ def gate_round(params: Params, name: str, candidate: Path, candidate_eval: Path,
     return decision
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--round", required=True)
-    parser.add_argument("--candidate", type=Path, required=True, help="the round's trained policy")
-    parser.add_argument("--candidate-eval", type=Path, required=True, help="its evaluation")
-    parser.add_argument("--round-metrics", type=Path, required=True, help="the dpo stage's metrics (collapse guard)")
-    parser.add_argument("--baseline", type=Path, required=True, help="the policy the round started from")
-    parser.add_argument("--baseline-eval", type=Path, required=True, help="its evaluation")
-    parser.add_argument("--out", type=Path, required=True, help="the round's policy after the gate")
-    parser.add_argument("--eval-out", type=Path, required=True, help="that policy's metrics and the decision")
-    args = parser.parse_args()
-    params = stage_params(args.params)
+def run(params: Params, args: argparse.Namespace) -> None:
     decision = gate_round(params, args.round, args.candidate, args.candidate_eval, args.round_metrics, args.baseline,
                           args.baseline_eval, args.out, args.eval_out)
     if decision["promoted"]:
@@ -95,6 +78,18 @@ def main() -> None:
     else:
         print(f"gate: {args.round} REFUSED; the next round starts from {decision['source']}'s policy:\n"
               + "\n".join(f"  - {reason}" for reason in decision["reasons"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, takes_round=True, paths={
+        "--candidate": "the round's trained policy",
+        "--candidate-eval": "its evaluation",
+        "--round-metrics": "the dpo stage's metrics (collapse guard)",
+        "--baseline": "the policy the round started from",
+        "--baseline-eval": "its evaluation",
+        "--out": "the round's policy after the gate",
+        "--eval-out": "that policy's metrics and the decision",
+    })
 
 
 if __name__ == "__main__":

@@ -14,9 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.common import atomic_path, claim_checkpoint_dir, exit_bad_input, stage_params, write_json
-from tasks.config import Params
-from tasks.records import load_records, render, write_records
+from tasks.lib.chat import render
+from tasks.lib.files import atomic_path, load_records, write_json, write_records
+from tasks.lib.generation import open_backend
+from tasks.lib.hashing import directory_digest, file_digest
+from tasks.lib.schema import Params
+from tasks.lib.stage import exit_bad_input, stage_main
+from tasks.lib.training import claim_checkpoint_dir
 
 BATCH_SEED_STRIDE = 1_000_003
 
@@ -26,8 +30,6 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 def sampling_fingerprint(params: Params, policy: Path, prompts: Path) -> dict:
-    from tasks.merge import directory_digest, file_digest
-
     return {"policy": directory_digest(policy), "prompts": file_digest(prompts),
             "generate": params.onpolicy.generate.model_dump(mode="json")}
 
@@ -48,8 +50,6 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
         if index in done:
             continue
         if backend is None:
-            from tasks.generation import open_backend
-
             backend = open_backend(settings.backend, policy, params.model)
             tokenizer = backend.tokenizer
         samples = backend.sample([render(tokenizer, row["prompt"]) for row in batch], settings,
@@ -82,22 +82,23 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--policy", type=Path, required=True, help="policy folder to sample from")
-    parser.add_argument("--prompts", type=Path, required=True, help="the round's prompts (from prompts@<round>)")
-    parser.add_argument("--out", type=Path, required=True, help="prompts with their sampled responses (JSON lines)")
-    parser.add_argument("--checkpoints", type=Path, required=True, help="finished batches, for resuming")
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
-    params = stage_params(args.params)
+def run(params: Params, args: argparse.Namespace) -> None:
     if not args.prompts.exists():
         exit_bad_input(f"--prompts {args.prompts}: no such file")
     summary = generate_round(params, args.policy, args.prompts, args.out, args.checkpoints, args.metrics)
     print(f"generate: {summary['responses']} responses to {summary['prompts']} prompts, {summary['new_tokens']} tokens"
           f" in {summary['seconds']:.1f} s ({summary['tokens_per_second']} tokens/s), "
           f"{summary['resumed_batches']} batches resumed")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={
+        "--policy": "policy folder to sample from",
+        "--prompts": "the round's prompts (from prompts@<round>)",
+        "--out": "prompts with their sampled responses (JSON lines)",
+        "--checkpoints": "finished batches, for resuming",
+        "--metrics": "the stage's metrics",
+    })
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Stage `judge@<round>`: score every sampled response with the judge `onpolicy.judge` names.
 
 Judges (each `score(prompts, responses) -> scores`, higher is better):
-- `rule`: the built-in task's verifier (`tasks.builtin_task.verify`): `correct_weight` for a correct
+- `rule`: the built-in task's verifier (`tasks.lib.builtin_task.verify`): `correct_weight` for a correct
   answer plus `polite_weight` for the polite closing.
 - `reward_model`: any `AutoModelForSequenceClassification` (hub id or folder); the score is its
   first logit on the conversation rendered with the policy's chat template or the model's own.
@@ -20,9 +20,14 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from tasks.common import atomic_path, exit_bad_input, stage_params, write_json
-from tasks.config import JudgeParams, Params
-from tasks.records import DataError, last_content, load_records, render, write_records
+from tasks.lib import builtin_task
+from tasks.lib.chat import last_content, render
+from tasks.lib.files import atomic_path, load_records, write_json, write_records
+from tasks.lib.hashing import directory_digest
+from tasks.lib.policies import has_cuda, load_tokenizer
+from tasks.lib.errors import DataError
+from tasks.lib.schema import JudgeParams, Params
+from tasks.lib.stage import stage_main
 
 
 class Judge(Protocol):
@@ -39,10 +44,8 @@ class RuleJudge:
     """The built-in task's verifier as a judge: correctness first, style second."""
 
     def __init__(self, settings: JudgeParams):
-        from tasks import builtin_task
-
         self.correct_weight, self.polite_weight = settings.correct_weight, settings.polite_weight
-        self.identity = {"kind": "rule", "verifier": "tasks.builtin_task:verify",
+        self.identity = {"kind": "rule", "verifier": "tasks.lib.builtin_task:verify",
                          "weights": {"correct": self.correct_weight, "polite": self.polite_weight},
                          "source_sha256": _source_digest(builtin_task)}
         self.verify = builtin_task.verify
@@ -64,9 +67,6 @@ class RewardModelJudge:
 
     def __init__(self, settings: JudgeParams, params: Params, policy: Path):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from tasks.common import has_cuda, load_tokenizer
-        from tasks.merge import directory_digest
 
         self.settings = settings
         kwargs = {"revision": settings.reward_model_revision, "trust_remote_code": params.model.trust_remote_code}
@@ -151,22 +151,20 @@ def judge_round(params: Params, generations: Path, policy: Path, out: Path, metr
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--generations", type=Path, required=True, help="sampled responses (from generate@<round>)")
-    parser.add_argument("--policy", type=Path, required=True, help="the sampling policy (its chat template)")
-    parser.add_argument("--out", type=Path, required=True, help="responses with their scores (JSON lines)")
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
-    params = stage_params(args.params)
-    try:
-        summary = judge_round(params, args.generations, args.policy, args.out, args.metrics)
-    except DataError as error:
-        exit_bad_input(f"bad data:\n{error}")
+def run(params: Params, args: argparse.Namespace) -> None:
+    summary = judge_round(params, args.generations, args.policy, args.out, args.metrics)
     rates = "".join(f", {k} {summary[k]:.3f}" for k in ("correct_rate", "polite_rate") if k in summary)
     print(f"judge ({summary['judge']['kind']}): {summary['responses']} responses, mean score "
           f"{summary['mean_score']}{rates}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={
+        "--generations": "sampled responses (from generate@<round>)",
+        "--policy": "the sampling policy (its chat template)",
+        "--out": "responses with their scores (JSON lines)",
+        "--metrics": "the stage's metrics (judge identity, score summary)",
+    })
 
 
 if __name__ == "__main__":

@@ -11,8 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tasks.common import read_json, stage_params, write_json
-from tasks.merge import directory_digest, file_digest
+from tasks.lib.files import read_json, write_json
+from tasks.lib.hashing import directory_digest, file_digest
+from tasks.lib.schema import Params
+from tasks.lib.stage import stage_main
+
+OUTPUTS = ("prompts", "incoming", "generations", "scored", "pairs", "reference-logps", "candidate", "policy")
+REPORTS = ("prompts", "generate", "judge", "pairs", "dpo", "gate")
 
 
 def pick(record: dict, *keys: str) -> dict:
@@ -47,23 +52,18 @@ def round_lineage(name: str, files: dict[str, Path], reports: dict[str, Path]) -
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--round", required=True)
-    for step in ("prompts", "incoming", "generations", "scored", "pairs", "reference-logps", "candidate", "policy"):
-        parser.add_argument(f"--{step}", type=Path, required=True, help=f"the round's {step} output")
-    for step in ("prompts", "generate", "judge", "pairs", "dpo", "gate"):
-        parser.add_argument(f"--{step}-report", type=Path, required=True, help=f"the {step} stage's metrics")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    stage_params(args.params)
-    files = {step.replace("-", "_"): getattr(args, step.replace("-", "_")) for step in
-             ("prompts", "incoming", "generations", "scored", "pairs", "reference-logps", "candidate", "policy")}
-    reports = {step: getattr(args, f"{step}_report") for step in ("prompts", "generate", "judge", "pairs", "dpo", "gate")}
+def run(params: Params, args: argparse.Namespace) -> None:
+    files = {step.replace("-", "_"): getattr(args, step.replace("-", "_")) for step in OUTPUTS}
+    reports = {step: getattr(args, f"{step}_report") for step in REPORTS}
     record = round_lineage(args.round, files, reports)
     write_json(args.out, record)
     print(f"lineage@{args.round}: {record['pairs']['pairs']} pairs, promoted {record['gate']['promoted']} -> {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    paths = {f"--{step}": f"the round's {step} output" for step in OUTPUTS}
+    paths.update({f"--{step}-report": f"the {step} stage's metrics" for step in REPORTS})
+    stage_main(__doc__, run, argv, takes_round=True, paths={**paths, "--out": "the round's lineage record"})
 
 
 if __name__ == "__main__":

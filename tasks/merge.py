@@ -12,30 +12,15 @@ code, and no absolute path of the build machine is left in it.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
 
-from tasks.common import atomic_path, read_json, stage_params, write_json
-from tasks.config import Params
+from tasks.lib.files import atomic_path, read_json, write_json
+from tasks.lib.hashing import directory_digest, file_digest
+from tasks.lib.policies import PROMOTION_FILE, adapter_of, merge_adapter, scrub_local_paths, trained_round
+from tasks.lib.schema import Params
+from tasks.lib.stage import stage_main
 
-ADAPTER_DIR = "adapter"
 LOGIT_TOLERANCE = 1e-4
-
-
-def adapter_of(policy: Path) -> Path | None:
-    adapter = Path(policy) / ADAPTER_DIR
-    return adapter if (adapter / "adapter_config.json").exists() else None
-
-
-def merge_adapter(base: Path, adapter: Path, dtype: str):
-    """Base weights + LoRA adapter -> one plain transformers model (unquantized, in `dtype`)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
 def max_logit_difference(merged, base: Path, adapter: Path, tokenizer, texts: list[str]) -> float:
@@ -51,31 +36,6 @@ def max_logit_difference(merged, base: Path, adapter: Path, tokenizer, texts: li
         actual = merged(**batch).logits
     mask = batch["attention_mask"].bool()
     return (expected - actual).abs()[mask].max().item()
-
-
-def directory_digest(folder: Path) -> str:
-    """sha256 over every file's relative name and content: the identity of a saved model."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def scrub_local_paths(folder: Path) -> None:
-    """Drop build-machine paths transformers and peft record (`_name_or_path`, adapter base path)."""
-    for name in ("config.json", "adapter_config.json"):
-        path = folder / name
-        if path.exists():
-            config = json.loads(path.read_text())
-            for key in ("_name_or_path", "base_model_name_or_path"):
-                if key in config and str(config[key]).startswith("/"):
-                    config[key] = None
-            path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def model_card(params: Params, lineage: dict) -> str:
@@ -113,8 +73,6 @@ Load it with `AutoModelForCausalLM.from_pretrained(<this folder>)`; no project c
 
 
 def round_decisions(params: Params, policies: Path) -> dict[str, dict]:
-    from tasks.gate import PROMOTION_FILE
-
     decisions = {}
     for name, spec in params.dpo.rounds.items():
         promotion = read_json(policies / name / PROMOTION_FILE)
@@ -125,8 +83,6 @@ def round_decisions(params: Params, policies: Path) -> dict[str, dict]:
 
 def export_final(params: Params, policies: Path, reference_metrics: Path, out: Path, metrics: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tasks.gate import trained_round
 
     policy = policies / params.dpo.final_round
     source = trained_round(policy)
@@ -164,17 +120,18 @@ def export_final(params: Params, policies: Path, reference_metrics: Path, out: P
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--policies", type=Path, required=True, help="folder of the sft snapshot and round policies")
-    parser.add_argument("--reference-metrics", type=Path, required=True, help="the reference stage's metrics")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
-    params = stage_params(args.params)
+def run(params: Params, args: argparse.Namespace) -> None:
     summary = export_final(params, args.policies, args.reference_metrics, args.out, args.metrics)
     print(f"merge: {summary['round']} -> {args.out} (sha256 {summary['sha256'][:12]})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={
+        "--policies": "folder of the sft snapshot and round policies",
+        "--reference-metrics": "the reference stage's metrics",
+        "--out": "the standalone merged model",
+        "--metrics": "the stage's metrics",
+    })
 
 
 if __name__ == "__main__":

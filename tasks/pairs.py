@@ -19,18 +19,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tasks.common import atomic_path, exit_bad_input, load_tokenizer, resolve_base, stage_params, write_json
-from tasks.config import PairParams, Params
-from tasks.records import (
-    DataError,
-    enforce_bad_line_policy,
-    file_report,
-    last_content,
-    load_records,
-    read_records,
-    token_length_report,
-    write_records,
-)
+from tasks.lib.chat import last_content
+from tasks.lib.files import atomic_path, load_records, write_json, write_records
+from tasks.lib.policies import load_tokenizer, resolve_base
+from tasks.lib.errors import DataError
+from tasks.lib.records import enforce_bad_line_policy, file_report, read_records, token_length_report
+from tasks.lib.schema import PairParams, Params
+from tasks.lib.stage import stage_main
 
 
 def _response(prompt: Any, text: str) -> Any:
@@ -110,23 +105,22 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--scored", type=Path, required=True, help="judged responses (from judge@<round>)")
-    parser.add_argument("--incoming", type=Path, required=True, help="the round's validated human pairs")
-    parser.add_argument("--base", type=Path, required=True, help="base folder (its tokenizer measures lengths)")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--report", type=Path, required=True)
-    args = parser.parse_args()
-    params = stage_params(args.params)
-    try:
-        summary = build_pairs(params, args.scored, args.incoming, args.base, args.out, args.report)
-    except DataError as error:
-        exit_bad_input(f"bad data:\n{error}")
+def run(params: Params, args: argparse.Namespace) -> None:
+    summary = build_pairs(params, args.scored, args.incoming, args.base, args.out, args.report)
     print(f"pairs: {summary['pairs']} ({summary['onpolicy_pairs']} on-policy, {summary['human_pairs']} human); "
           f"dropped {summary['ties_dropped']} ties, {summary['degenerate_dropped']} degenerate; mean gap "
-          f"{summary['mean_score_gap']}; chosen/rejected {summary['chosen_chars_mean']}/{summary['rejected_chars_mean']} chars")
+          f"{summary['mean_score_gap']}; chosen/rejected {summary['chosen_chars_mean']}/"
+          f"{summary['rejected_chars_mean']} chars")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={
+        "--scored": "judged responses (from judge@<round>)",
+        "--incoming": "the round's validated human pairs",
+        "--base": "base folder (its tokenizer measures lengths)",
+        "--out": "the round's training pairs (JSON lines)",
+        "--report": "the stage's report",
+    })
 
 
 if __name__ == "__main__":

@@ -10,16 +10,12 @@ import argparse
 import random
 from pathlib import Path
 
-from tasks.common import atomic_path, exit_bad_input, load_tokenizer, resolve_base, stage_params, write_json
-from tasks.config import Params
-from tasks.records import (
-    DataError,
-    enforce_bad_line_policy,
-    file_report,
-    read_records,
-    token_length_report,
-    write_records,
-)
+from tasks.lib.files import atomic_path, write_json, write_records
+from tasks.lib.policies import load_tokenizer, resolve_base
+from tasks.lib.errors import DataError
+from tasks.lib.records import enforce_bad_line_policy, file_report, read_records, token_length_report
+from tasks.lib.schema import Params
+from tasks.lib.stage import stage_main
 
 
 def split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -69,23 +65,21 @@ def prepare(params: Params, sft: Path, eval_pairs: Path, base: Path, out_dir: Pa
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--sft", type=Path, required=True)
-    parser.add_argument("--eval-pairs", type=Path, required=True)
-    parser.add_argument("--base", type=Path, required=True, help="base folder (its tokenizer measures lengths)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for sft_train, sft_heldout, eval_pairs")
-    parser.add_argument("--report", type=Path, required=True)
-    args = parser.parse_args()
-    params = stage_params(args.params)
-    try:
-        summary = prepare(params, args.sft, args.eval_pairs, args.base, args.out, args.report)
-    except DataError as error:
-        exit_bad_input(f"bad data:\n{error}")
+def run(params: Params, args: argparse.Namespace) -> None:
+    summary = prepare(params, args.sft, args.eval_pairs, args.base, args.out, args.report)
     for name, section in summary.items():
         print(f"{name}: kept {section['kept']} of {section['lines']} lines, dropped {section['dropped']}, "
               f"duplicates {section['duplicates_removed']}, truncated {section['truncated_rows']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={
+        "--sft": "SFT data (JSON lines)",
+        "--eval-pairs": "held-out preference pairs (JSON lines)",
+        "--base": "base folder (its tokenizer measures lengths)",
+        "--out": "folder for sft_train, sft_heldout, eval_pairs",
+        "--report": "the data report (DVC metric)",
+    })
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import argparse
 import random
 from pathlib import Path
 
-from tasks.common import atomic_path, exit_bad_input, stage_params, write_json
-from tasks.config import Params
-from tasks.records import DataError, enforce_bad_line_policy, file_report, read_records, write_records
+from tasks.lib.files import atomic_path, write_json, write_records
+from tasks.lib.records import enforce_bad_line_policy, file_report, read_records
+from tasks.lib.schema import Params
+from tasks.lib.stage import stage_main
 
 
 def round_slice(pool_size: int, per_round: int, round_index: int, seed: int) -> tuple[list[int], int]:
@@ -64,28 +65,23 @@ def draw_prompts(params: Params, round_name: str, pool: Path, incoming_dir: Path
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--round", required=True, help="round name, a key of dpo.rounds")
-    parser.add_argument("--pool", type=Path, required=True, help="prompt pool (JSON lines)")
-    parser.add_argument("--incoming", type=Path, required=True, help="folder of per-round human pairs (<round>.jsonl)")
-    parser.add_argument("--out", type=Path, required=True, help="the round's prompts (JSON lines)")
-    parser.add_argument("--incoming-out", type=Path, required=True, help="the round's validated human pairs")
-    parser.add_argument("--report", type=Path, required=True)
-    args = parser.parse_args()
-    params = stage_params(args.params)
-    if args.round not in params.dpo.rounds:
-        exit_bad_input(f"--round {args.round}: not a key of dpo.rounds ({', '.join(params.dpo.rounds)})")
-    try:
-        summary = draw_prompts(params, args.round, args.pool, args.incoming, args.out, args.incoming_out, args.report)
-    except DataError as error:
-        exit_bad_input(f"bad data:\n{error}")
+def run(params: Params, args: argparse.Namespace) -> None:
+    summary = draw_prompts(params, args.round, args.pool, args.incoming, args.out, args.incoming_out, args.report)
     print(f"prompts@{args.round}: {summary['prompts']} prompts from a pool of {summary['pool_size']}"
           f" ({summary['reused_prompts']} reused), {summary['incoming_pairs']} human pairs")
     if summary["pool_exhausted"]:
         print(f"WARNING: the prompt pool is exhausted: {summary['reused_prompts']} prompts of round {args.round} "
               "were used by earlier rounds; grow onpolicy.prompts.pool or lower per_round")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, takes_round=True, paths={
+        "--pool": "prompt pool (JSON lines)",
+        "--incoming": "folder of per-round human pairs (<round>.jsonl)",
+        "--out": "the round's prompts (JSON lines)",
+        "--incoming-out": "the round's validated human pairs",
+        "--report": "the stage's report",
+    })
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tasks.common import atomic_path, resolve_base, save_policy, stage_params, write_json
-from tasks.config import Params
-from tasks.merge import directory_digest, merge_adapter, scrub_local_paths
+from tasks.lib.files import atomic_path, write_json
+from tasks.lib.hashing import directory_digest
+from tasks.lib.policies import merge_adapter, resolve_base, save_policy, scrub_local_paths
+from tasks.lib.schema import Params
+from tasks.lib.stage import stage_main
 
 
 def snapshot_sft(params: Params, base: Path, sft: Path, out: Path, metrics: Path) -> dict:
@@ -32,17 +34,18 @@ def snapshot_sft(params: Params, base: Path, sft: Path, out: Path, metrics: Path
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--base", type=Path, required=True)
-    parser.add_argument("--sft", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
-    params = stage_params(args.params)
+def run(params: Params, args: argparse.Namespace) -> None:
     summary = snapshot_sft(params, args.base, args.sft, args.out, args.metrics)
     print(f"reference snapshot {args.out}: sha256 {summary['sha256'][:12]}, {summary['parameters']:,} parameters")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={
+        "--base": "the base folder",
+        "--sft": "the SFT stage's policy (full weights or an adapter)",
+        "--out": "the frozen reference snapshot",
+        "--metrics": "the stage's metrics (snapshot sha256)",
+    })
 
 
 if __name__ == "__main__":

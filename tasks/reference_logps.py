@@ -8,40 +8,19 @@ stored as a DVC output. DPO then trains with no reference model in memory, and a
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
-from tasks.common import atomic_path, load_tokenizer, stage_params
-from tasks.config import Params
-from tasks.records import write_records
-
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-
-
-def dpo_sequence_config(params: Params, checkpoint_dir: Path, **extra):
-    """A DPOConfig carrying the tokenisation settings shared by this stage and DPO training."""
-    from trl import DPOConfig
-
-    from tasks.common import has_cuda
-
-    settings = {
-        "output_dir": str(checkpoint_dir),
-        "max_length": params.dpo.sequence.max_length,
-        "truncation_mode": params.dpo.sequence.truncation_mode,
-        "use_cpu": not has_cuda(),
-        "bf16": False,
-        "report_to": [],
-    }
-    return DPOConfig(**{**settings, **extra})
+from tasks.lib.files import atomic_path, write_records
+from tasks.lib.policies import load_model, load_tokenizer
+from tasks.lib.schema import Params
+from tasks.lib.stage import stage_main
+from tasks.lib.training import PAIR_COLUMNS, REF_COLUMNS, dpo_sequence_config
 
 
 def compute_reference_logps(params: Params, reference: Path, pairs: Path, eval_pairs: Path, out: Path) -> None:
-    import tempfile
-
     from datasets import load_dataset
     from trl import DPOTrainer
-
-    from tasks.common import load_model
 
     tokenizer = load_tokenizer(str(reference), params.model)
     model = load_model(str(reference), params.model)
@@ -65,16 +44,17 @@ def compute_reference_logps(params: Params, reference: Path, pairs: Path, eval_p
                 print(f"reference log-probs: {len(rows)} {name} pairs")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--reference", type=Path, required=True, help="the round's reference policy folder")
-    parser.add_argument("--pairs", type=Path, required=True, help="the round's prepared training pairs")
-    parser.add_argument("--eval-pairs", type=Path, required=True, help="prepared held-out pairs")
-    parser.add_argument("--out", type=Path, required=True, help="folder for train.jsonl and eval.jsonl")
-    args = parser.parse_args()
-    params = stage_params(args.params)
+def run(params: Params, args: argparse.Namespace) -> None:
     compute_reference_logps(params, args.reference, args.pairs, args.eval_pairs, args.out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={
+        "--reference": "the round's reference policy folder",
+        "--pairs": "the round's prepared training pairs",
+        "--eval-pairs": "prepared held-out pairs",
+        "--out": "folder for train.jsonl and eval.jsonl",
+    })
 
 
 if __name__ == "__main__":

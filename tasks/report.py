@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tasks.common import read_json, stage_params, write_json
-from tasks.config import Params
+from tasks.lib.files import read_json, write_json
+from tasks.lib.schema import Params
+from tasks.lib.stage import stage_main
 
 COLUMNS = ("preference_accuracy", "task_accuracy", "correct", "polite", "perplexity")
 
@@ -57,15 +58,7 @@ def table(scores: dict[str, dict[str, float]], notes: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--evals", type=Path, default=Path("metrics/eval"), help="folder of per-model evaluations")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="folder of the rounds' metrics")
-    parser.add_argument("--out", type=Path, default=Path("metrics/eval.json"))
-    parser.add_argument("--print-only", action="store_true", help="print the table of --out without rebuilding it")
-    args = parser.parse_args()
-    params = stage_params(args.params)
+def run(params: Params, args: argparse.Namespace) -> None:
     scores = read_json(args.out) if args.print_only else collect(params, args.evals)
     if not args.print_only:
         write_json(args.out, scores)
@@ -77,6 +70,15 @@ def main() -> None:
     refused = [name for name, note in notes.items() if note.startswith("kept")]
     if refused:
         print(f"\nThe promotion gate refused {', '.join(refused)}; reasons in metrics/eval/<round>.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={
+        "--evals": "folder of per-model evaluations",
+        "--metrics": "folder of the rounds' metrics",
+        "--out": "metrics/eval.json: {model: {metric: value}}",
+    }, add_arguments=lambda parser: parser.add_argument(
+        "--print-only", action="store_true", help="print the table of --out without rebuilding it"))
 
 
 if __name__ == "__main__":

@@ -11,20 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tasks.common import (
-    atomic_path,
-    load_model,
-    load_tokenizer,
-    logged_history,
-    lora_config,
-    resolve_base,
-    resume_checkpoint,
-    stage_params,
-    training_arguments,
-    write_json,
-)
-from tasks.config import Params
-from tasks.merge import file_digest
+from tasks.lib.files import atomic_path, write_json
+from tasks.lib.hashing import file_digest
+from tasks.lib.policies import load_model, load_tokenizer, resolve_base
+from tasks.lib.schema import Params
+from tasks.lib.stage import stage_main
+from tasks.lib.training import logged_history, lora_config, resume_checkpoint, training_arguments
 
 
 def losses(history: list[dict], key: str = "loss") -> list[float]:
@@ -84,23 +76,23 @@ def train_sft(params: Params, base: Path, train: Path, heldout: Path, out: Path,
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--base", type=Path, required=True)
-    parser.add_argument("--train", type=Path, required=True)
-    parser.add_argument("--heldout", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--checkpoints", type=Path, required=True, help="resumable trainer checkpoints")
-    parser.add_argument("--logs", type=Path, default=None, help="TensorBoard folder")
-    parser.add_argument("--plots", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
-    params = stage_params(args.params)
+def run(params: Params, args: argparse.Namespace) -> None:
     summary = train_sft(params, args.base, args.train, args.heldout, args.out, args.checkpoints,
                         args.logs, args.plots, args.metrics)
     print(f"sft: loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} "
           f"in {summary['steps']} steps, held-out loss {summary['eval_loss']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, run, argv, paths={
+        "--base": "the base folder",
+        "--train": "SFT training rows (JSON lines)",
+        "--heldout": "held-out SFT rows (JSON lines)",
+        "--out": "the trained policy folder",
+        "--checkpoints": "resumable trainer checkpoints",
+        "--plots": "per-step losses (DVC plots file)",
+        "--metrics": "the stage's metrics",
+    }, optional_paths={"--logs": "TensorBoard folder"})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""tasks/config.py: every bad param gets one message naming file:line and key; README stays in sync."""
+"""tasks/lib/params.py + schema.py: every bad param gets one message naming file:line and key; README stays in sync."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import ParamsError, load_params, params_reference_markdown
+from tasks.lib.params import ParamsError, load_params
+from tasks.lib.params_cli import params_reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import GuardParams, load_params
+from tasks.lib.params import load_params
+from tasks.lib.schema import GuardParams
 from tasks.dpo import distinct_trigram_ratio, guard_verdict, train_round
 
 ROOT = Path(__file__).resolve().parents[1]

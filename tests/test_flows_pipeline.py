@@ -13,7 +13,7 @@ import yaml
 
 from flows.dvc_project import RAN, RESTORED, SKIPPED, StageFailed, read_graph
 from flows.pipeline import sft_dpo
-from tasks.config import ParamsError
+from tasks.lib.params import ParamsError
 
 FAST_RETRIES = {"orchestration.retries": 1, "orchestration.retry_delay_seconds": 0}
 

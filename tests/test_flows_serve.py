@@ -101,7 +101,7 @@ def test_stop_leaves_no_process_behind(served):
 
 def test_next_round_schedule_comes_from_params(tmp_path):
     from flows.serve import _deployments
-    from tasks.config import write_params
+    from flows.params_file import write_params
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     pipeline, next_round, _ = _deployments(tmp_path)

@@ -21,8 +21,10 @@ import pytest
 import yaml
 
 from conftest import make_project, micro, read_json, run
-from tasks.config import JudgeParams, PairParams, load_params
-from tasks.records import DataError, load_records, write_records
+from tasks.lib.files import load_records, write_records
+from tasks.lib.params import load_params
+from tasks.lib.errors import DataError
+from tasks.lib.schema import JudgeParams, PairParams
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "What is 3 plus 4?"}]
@@ -86,7 +88,7 @@ def test_margin_pairs_keep_every_wide_enough_gap_widest_first():
 
 
 def test_gate_names_every_regression_beyond_its_tolerance():
-    from tasks.config import GateParams
+    from tasks.lib.schema import GateParams
     from tasks.gate import refusals
 
     gate = GateParams(max_task_accuracy_drop=0.05, max_perplexity_rise=0.5, require_guard_ok=True)
@@ -180,7 +182,7 @@ def regressed(pipeline, tmp_path_factory) -> tuple[Path, str]:
 
 
 def test_gate_refuses_the_regression_and_the_next_round_starts_from_the_last_promoted_policy(regressed):
-    from tasks.merge import file_digest
+    from tasks.lib.hashing import file_digest
 
     project, log = regressed
     decision = read_json(project / "metrics" / "eval" / "r1.json")

@@ -59,7 +59,7 @@ def test_round_pairs_come_from_the_policys_own_judged_samples(pipeline):
 
 
 def test_lineage_ties_each_round_together_by_content_hash(pipeline):
-    from tasks.merge import directory_digest, file_digest
+    from tasks.lib.hashing import directory_digest, file_digest
 
     lineage = read_json(pipeline / "metrics" / "rounds" / "r1" / "lineage.json")
     assert lineage["prompts"]["sha256"] == file_digest(pipeline / "data/rounds/r1/prompts.jsonl")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import load_params
-from tasks.records import DataError, read_records
+from tasks.lib.params import load_params
+from tasks.lib.errors import DataError
+from tasks.lib.records import read_records
 from tasks.pairs import build_pairs
 from tasks.prepare import prepare
 from tasks.prompts import draw_prompts, incoming_pairs

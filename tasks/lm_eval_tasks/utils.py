@@ -1,6 +1,6 @@
 """`!function` hooks of the sft-dpo lm-eval tasks."""
 
-from tasks.builtin_task import verify
+from tasks.lib.builtin_task import verify
 
 
 def score_generation(doc: dict, results: list[str]) -> dict:

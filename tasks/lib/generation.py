@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from tasks.config import GenerateParams, ModelParams
+from tasks.lib.policies import load_model, load_tokenizer
+from tasks.lib.schema import GenerateParams, ModelParams
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,6 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, policy: Path, model: ModelParams):
-        from tasks.common import load_model, load_tokenizer
-
         self.tokenizer = load_tokenizer(str(policy), model)
         # Decoder-only models continue from the last position: pad on the left so it is a real token.
         self.tokenizer.padding_side = "left"

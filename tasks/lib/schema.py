@@ -1,20 +1,15 @@
-"""The typed schema of params.yaml: every setting of every stage, validated before any work.
+"""The typed schema of params.yaml: every setting of every stage, with its documentation.
 
-Each field's docstring is its documentation; ``python -m tasks.config --markdown`` renders the
-README's params reference from it (a test keeps the two in sync).
+Each field's docstring is its documentation: `tasks.lib.params_cli` renders README's params
+reference from it (a test keeps the two in sync); `tasks.lib.params` loads and validates a file
+against it.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import os
-import sys
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LossType = Literal[
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -253,7 +248,7 @@ class PromptParams(Section):
 
 class GenerateParams(Section):
     backend: Literal["transformers"] = "transformers"
-    """Generation engine behind `tasks.generation.GenerationBackend` (`transformers`: batched `generate`)."""
+    """Generation engine behind `tasks.lib.generation.GenerationBackend` (`transformers`: batched `generate`)."""
     samples_per_prompt: int = Field(4, ge=2)
     """Responses sampled per prompt (best and worst become a pair)."""
     temperature: float = Field(1.0, gt=0)
@@ -391,231 +386,3 @@ class Params(Section):
         if self.model.quantization != "none" and self.dpo.method != "lora":
             raise ValueError("model.quantization needs dpo.method: lora (quantized weights cannot be fully fine-tuned)")
         return self
-
-
-class ParamsError(ValueError):
-    """params.yaml (or an override) is invalid; the message names the key and what is allowed."""
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Line number of every mapping key in a YAML document, by its key path."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                child = path + (str(key.value),)
-                lines[child] = key.start_mark.line + 1
-                walk(value, child)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, value in enumerate(node.value):
-                lines[path + (str(index),)] = value.start_mark.line + 1
-                walk(value, path + (str(index),))
-
-    root = yaml.compose(text)
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def schema_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
-    """Every dotted key the schema accepts (round entries as `dpo.rounds.<name>.*`)."""
-    model = model or Params
-    keys = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        keys.append(key)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, Section):
-            keys.extend(schema_keys(annotation, key + "."))
-        elif name == "rounds":
-            keys.extend(schema_keys(RoundParams, key + ".<name>."))
-    return keys
-
-
-def _suggestion(key: str) -> str:
-    import difflib
-
-    known = schema_keys()
-    leaf = key.rsplit(".", 1)[-1]
-    same_leaf = [candidate for candidate in known if candidate.rsplit(".", 1)[-1] == leaf]
-    close = same_leaf or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
-
-
-def _describe(error: ValidationError, source: str, lines: dict[tuple[str, ...], int],
-              overridden: tuple[str, ...] = ()) -> str:
-    messages = []
-    for item in error.errors():
-        path = tuple(str(part) for part in item["loc"])
-        key = ".".join(path) or "(top level)"
-        override = next((name for name in overridden if key == name or key.startswith(name + ".")), None)
-        inside = next((name for name in overridden if name.startswith(key + ".")), None)
-        line = next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
-        where = "override" if override else f"{source}:{line}" if line else source
-        if inside:
-            where += f" with override {inside}"
-        # A section-level check's input is the whole section: its message already names the culprit.
-        quiet = item["type"] in ("missing", "extra_forbidden") or isinstance(item["input"], dict)
-        got = "" if quiet else f" (got {item['input']!r})"
-        reason = "unknown key" + _suggestion(key) if item["type"] == "extra_forbidden" else item["msg"]
-        reason = reason.removeprefix("Value error, ")
-        messages.append(f"{where}: {key}: {reason}{got}")
-    return "\n".join(messages)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (`{"dpo.loss.beta": 0.2}`) in a copy of a raw params mapping."""
-    import copy
-
-    result = copy.deepcopy(raw)
-    for dotted, value in overrides.items():
-        node = result
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ParamsError(f"override {dotted}: {part} is not a section")
-        node[leaf] = value
-    return result
-
-
-def validate(raw: Any, source: str = "params.yaml", text: str | None = None,
-             overridden: tuple[str, ...] = ()) -> Params:
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as error:
-        raise ParamsError(_describe(error, source, _key_lines(text) if text else {}, overridden)) from None
-
-
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Read and validate params.yaml; raise ParamsError naming file:line and key on any problem."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML: {error}") from None
-    if overrides:
-        raw = apply_overrides(raw, overrides)
-    return validate(raw, str(path), text, tuple(overrides or ()))
-
-
-def extended_rounds(params: Params, count: int) -> dict[str, dict[str, str]]:
-    """The rounds mapping cut or extended to `count` rounds, as raw params.
-
-    Appended rounds are named `r<K>` and start from the round before; their pairs are generated
-    on-policy (see `onpolicy`).
-    """
-    if count < 1:
-        raise ParamsError(f"rounds: need at least 1 round (got {count})")
-    rounds = {name: spec.model_dump() for name, spec in list(params.dpo.rounds.items())[:count]}
-    plan = params.orchestration.next_round
-    while len(rounds) < count:
-        previous = list(rounds)[-1]
-        name = f"r{len(rounds) + 1}"
-        if name in rounds:
-            raise ParamsError(f"dpo.rounds: cannot append {name}: the name is taken (rename the rounds r1, r2, ...)")
-        reference = SFT_POLICY if plan.reference == SFT_POLICY else previous
-        rounds[name] = {"previous": previous, "reference": reference}
-    return rounds
-
-
-def write_params(path: str | Path, overrides: dict[str, Any]) -> None:
-    """Set dotted keys in params.yaml in place, keeping its comments, order and flow style.
-
-    A mapping value replaces the mapping it lands on key by key, so untouched entries keep their layout.
-    """
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
-
-    path = Path(path)
-    yaml_rt = YAML()
-    yaml_rt.preserve_quotes = True
-    yaml_rt.representer.add_representer(
-        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
-    document = yaml_rt.load(path.read_text(encoding="utf-8"))
-    for dotted, value in overrides.items():
-        node = document
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, CommentedMap())
-        if isinstance(value, dict) and isinstance(node.get(leaf), CommentedMap):
-            _replace_mapping(node[leaf], value)
-        else:
-            node[leaf] = value
-    with atomic_text(path) as handle:
-        yaml_rt.dump(document, handle)
-
-
-def _replace_mapping(target, value: dict[str, Any]) -> None:
-    from ruamel.yaml.comments import CommentedMap
-
-    flow = [child.fa.flow_style() for child in target.values() if isinstance(child, CommentedMap)]
-    for key in [key for key in target if key not in value]:
-        del target[key]
-    for key, item in value.items():
-        if isinstance(item, dict) and not (isinstance(target.get(key), dict) and target[key] == item):
-            mapping = CommentedMap(item)
-            if flow and flow[-1]:
-                mapping.fa.set_flow_style()
-            target[key] = mapping
-        elif not isinstance(item, dict):
-            target[key] = item
-
-
-@contextlib.contextmanager
-def atomic_text(path: Path):
-    """Write a text file through a sibling temporary file so readers never see half of it."""
-    scratch = path.with_name(f".{path.name}.tmp")
-    try:
-        with scratch.open("w", encoding="utf-8") as handle:
-            yield handle
-        os.replace(scratch, path)
-    finally:
-        scratch.unlink(missing_ok=True)
-
-
-def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:
-    rows = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, Section):
-            rows.append(f"| `{key}` | section | {field.description} |")
-            rows.extend(_field_rows(annotation, key + "."))
-            continue
-        if name == "rounds":
-            rows.append(f"| `{key}` | mapping | {field.description} |")
-            rows.extend(_field_rows(RoundParams, key + ".<name>."))
-            continue
-        default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)}`"
-        rows.append(f"| `{key}` | {default} | {field.description} |")
-    return rows
-
-
-def params_reference_markdown() -> str:
-    """The params reference table for README.md, generated from the schema."""
-    header = ["| key | default | meaning |", "| --- | --- | --- |"]
-    return "\n".join(header + _field_rows(Params, "")) + "\n"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Validate params.yaml, or print its reference.")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--markdown", action="store_true", help="print the params reference table")
-    args = parser.parse_args()
-    if args.markdown:
-        print(params_reference_markdown(), end="")
-        return
-    try:
-        load_params(args.params)
-    except ParamsError as error:
-        sys.exit(f"invalid params:\n{error}")
-    print(f"{args.params}: valid")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Reading, validating and describing JSON-lines data in TRL's formats.
+"""Validating and describing JSON-lines data in TRL's formats.
 
 Preference pairs: ``{"prompt","chosen","rejected"}`` as strings, or conversational (``prompt`` a list
 of ``{"role","content"}`` messages, ``chosen``/``rejected`` lists of assistant messages).
@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
+
+from tasks.lib.chat import render
+from tasks.lib.errors import DataError
 
 Kind = Literal["pairs", "sft", "prompts"]
 ROLES = ("system", "user", "assistant", "tool")
-
-
-class DataError(ValueError):
-    """Input data is unusable; the message lists each offending file:line."""
 
 
 @dataclass
@@ -169,31 +169,6 @@ def enforce_bad_line_policy(result: ReadResult, on_bad_lines: str, max_bad_fract
             f"{result.path}: {len(result.bad)} of {result.lines} lines are bad ({fraction:.1%}), "
             f"more than data.max_bad_fraction={max_bad_fraction:.1%}\n{listing}"
         )
-
-
-def write_records(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file that a validating stage already wrote."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def render(tokenizer, prompt: Any, response: Any = None) -> str:
-    """Text the model sees for a prompt (and optional response), in either format."""
-    if isinstance(prompt, list):
-        messages = prompt + (response or [])
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=response is None)
-    return prompt + (response or "")
-
-
-def last_content(value: Any) -> str:
-    """The text of a string field, or of the last message of a message-list field."""
-    return value if isinstance(value, str) else value[-1]["content"]
 
 
 def row_texts(row: dict[str, Any], tokenizer) -> list[str]:

@@ -1,0 +1,54 @@
+"""Stage outputs on disk: written whole or not at all; JSON and JSON-lines files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a scratch path beside `final` that replaces `final` only if the block finishes.
+
+    A stage that fails part-way leaves no half-written output posing as a whole one.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    try:
+        yield scratch
+        if final.is_dir():
+            shutil.rmtree(final)
+        elif final.exists():
+            final.unlink()
+        os.replace(scratch, final)
+    finally:
+        shutil.rmtree(scratch.parent, ignore_errors=True)
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    with atomic_path(path) as scratch:
+        scratch.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_records(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as JSON lines (UTF-8, not ASCII-escaped)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file that a validating stage already wrote."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,58 @@
+"""params.yaml from the command line: validate a file, or print README's params reference generated from the schema.
+
+    python -m tasks.lib.params_cli --params params.yaml     # validate
+    python -m tasks.lib.params_cli --markdown               # the reference table (`make params-reference`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import BaseModel
+
+from tasks.lib.params import ParamsError, load_params
+from tasks.lib.schema import Params, RoundParams, Section
+
+
+def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            rows.append(f"| `{key}` | section | {field.description} |")
+            rows.extend(_field_rows(annotation, key + "."))
+            continue
+        if name == "rounds":
+            rows.append(f"| `{key}` | mapping | {field.description} |")
+            rows.extend(_field_rows(RoundParams, key + ".<name>."))
+            continue
+        default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)}`"
+        rows.append(f"| `{key}` | {default} | {field.description} |")
+    return rows
+
+
+def params_reference_markdown() -> str:
+    """The params reference table for README.md, generated from the schema."""
+    header = ["| key | default | meaning |", "| --- | --- | --- |"]
+    return "\n".join(header + _field_rows(Params, "")) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Validate params.yaml, or print its reference.")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--markdown", action="store_true", help="print the params reference table")
+    args = parser.parse_args()
+    if args.markdown:
+        print(params_reference_markdown(), end="")
+        return
+    try:
+        load_params(args.params)
+    except ParamsError as error:
+        sys.exit(f"invalid params:\n{error}")
+    print(f"{args.params}: valid")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Model folders: loading a base or policy as params say, saving, merging a LoRA adapter, and scrubbing.
+
+A policy folder is a standalone Hugging Face model (safetensors, tokenizer, generation config); a
+LoRA round keeps its adapter in `adapter/` beside the merged weights, and a round's policy after
+the promotion gate carries `promotion.json` naming the round whose training it holds.
+Heavy libraries are imported inside functions: stages that only validate or hash stay light.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.lib.files import read_json
+from tasks.lib.schema import BUILTIN, SFT_POLICY, ModelParams
+
+BASE_SOURCE_FILE = "source.json"
+"""In a base folder: the hub id or folder to load, when the base is not built locally."""
+ADAPTER_DIR = "adapter"
+PROMOTION_FILE = "promotion.json"
+
+
+def is_builtin(model: ModelParams) -> bool:
+    return model.base == BUILTIN
+
+
+def resolve_base(base_dir: str | Path) -> tuple[str, str | None]:
+    """Where to load the base model from: the built folder itself, or the hub id/path it points to."""
+    base_dir = Path(base_dir)
+    source_file = base_dir / BASE_SOURCE_FILE
+    if source_file.exists():
+        source = read_json(source_file)
+        return source["name_or_path"], source.get("revision")
+    return str(base_dir), None
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_model(path: str, model: ModelParams, revision: str | None = None, quantize: bool = False):
+    """`AutoModelForCausalLM.from_pretrained` with the dtype, attention and quantization from params."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    kwargs["dtype"] = "auto" if model.dtype == "auto" else getattr(torch, model.dtype)
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    if quantize and model.quantization != "none":
+        kwargs["quantization_config"] = _quantization_config(model)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _quantization_config(model: ModelParams):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if model.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if has_cuda() and torch.cuda.is_bf16_supported() else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def load_tokenizer(path: str, model: ModelParams, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def save_policy(model, tokenizer, out_dir: Path, max_shard_size: str = "5GB") -> None:
+    """Save a standalone Hugging Face model folder (safetensors, tokenizer, generation config)."""
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out_dir)
+
+
+def adapter_of(policy: Path) -> Path | None:
+    adapter = Path(policy) / ADAPTER_DIR
+    return adapter if (adapter / "adapter_config.json").exists() else None
+
+
+def merge_adapter(base: str | Path, adapter: Path, dtype: str):
+    """Base weights + LoRA adapter -> one plain transformers model (unquantized, in `dtype`)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+def scrub_local_paths(folder: Path) -> None:
+    """Drop build-machine paths transformers and peft record (`_name_or_path`, adapter base path)."""
+    for name in ("config.json", "adapter_config.json"):
+        path = folder / name
+        if path.exists():
+            config = json.loads(path.read_text())
+            for key in ("_name_or_path", "base_model_name_or_path"):
+                if key in config and str(config[key]).startswith("/"):
+                    config[key] = None
+            path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def trained_round(policy: Path) -> str:
+    """The round whose training a policy folder holds (`sft` for the SFT snapshot)."""
+    promotion = Path(policy) / PROMOTION_FILE
+    return read_json(promotion)["source"] if promotion.exists() else SFT_POLICY
