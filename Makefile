@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo test install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation
+.PHONY: demo test lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -43,6 +43,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# ruff: lint rules and formatting (pyproject.toml); `make format` rewrites, `make lint` only checks.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # `make serve`: server + served deployments in the foreground (Ctrl-C stops both);
 # `make serve DETACH=1`: in the background, stopped by `make stop`.

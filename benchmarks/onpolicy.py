@@ -34,15 +34,25 @@ OFFLINE_SOURCES = ("data/builtin/pairs_r1.jsonl", "data/builtin/pairs_r2.jsonl")
 
 
 def environment(project: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DVC_SITE_CACHE_DIR": str(project / ".dvc" / "site_cache"), "DVC_NO_ANALYTICS": "1",
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_SITE_CACHE_DIR": str(project / ".dvc" / "site_cache"),
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def clone(target: Path, cache: Path) -> Path:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(cache)], cwd=target, check=True,
-                   env=environment(target))
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "cache", "dir", "--local", str(cache)],
+        cwd=target,
+        check=True,
+        env=environment(target),
+    )
     return target
 
 
@@ -59,8 +69,9 @@ def make_offline(project: Path, pairs: int) -> None:
 
 def reproduce(project: Path) -> float:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=environment(project),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=project, env=environment(project), capture_output=True, text=True
+    )
     if result.returncode != 0:
         sys.exit(f"dvc repro failed in {project}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return time.perf_counter() - started
@@ -105,8 +116,10 @@ def main() -> None:
     print(table(rows))
     best = {arm: max(r["correct"] for r in rows if r["model"].startswith(arm)) for arm in ("offline", "on-policy")}
     final = {arm: [r for r in rows if r["model"].startswith(arm)][-1]["correct"] for arm in ("offline", "on-policy")}
-    print(f"\ncorrect after the last round: on-policy {final['on-policy']:.4f} vs offline {final['offline']:.4f} "
-          f"(sft {sft['correct']:.4f}); best round: on-policy {best['on-policy']:.4f} vs offline {best['offline']:.4f}")
+    print(
+        f"\ncorrect after the last round: on-policy {final['on-policy']:.4f} vs offline {final['offline']:.4f} "
+        f"(sft {sft['correct']:.4f}); best round: on-policy {best['on-policy']:.4f} vs offline {best['offline']:.4f}"
+    )
 
 
 if __name__ == "__main__":

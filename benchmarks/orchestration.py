@@ -32,10 +32,17 @@ def clone(target: Path) -> Path:
 
 
 def environment(home: Path, port: int) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def free_port() -> int:
@@ -46,8 +53,13 @@ def free_port() -> int:
 
 def timed_deployment_run(project: Path, env: dict[str, str]) -> tuple[float, str]:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "sft-dpo/sft-dpo", "--watch"],
-                            cwd=project, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", "sft-dpo/sft-dpo", "--watch"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"flow run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -68,8 +80,13 @@ def prefect_records(run_id: str) -> dict[str, float]:
     flow_seconds = (flow_run.end_time - flow_run.start_time).total_seconds()
     stage_seconds = sum(run.total_run_time.total_seconds() for run in task_runs)
     pickup = (flow_run.start_time - flow_run.created).total_seconds()
-    return {"flow": flow_seconds, "stages": stage_seconds, "pickup": pickup, "tasks": len(task_runs),
-            "ran": sum(run.state.name != "Skipped" for run in task_runs)}
+    return {
+        "flow": flow_seconds,
+        "stages": stage_seconds,
+        "pickup": pickup,
+        "tasks": len(task_runs),
+        "ran": sum(run.state.name != "Skipped" for run in task_runs),
+    }
 
 
 def timed_dvc_repro(project: Path, env: dict[str, str]) -> float:
@@ -87,8 +104,17 @@ def main() -> None:
         project, home, port = clone(scratch / "project"), scratch / "prefect", free_port()
         env = environment(home, port)
         os.environ.update({key: env[key] for key in ("PREFECT_HOME", "PREFECT_API_URL")})
-        serve = [sys.executable, "-m", "flows.serve", "--port", str(port), "--home", str(home),
-                 "--project", str(project)]
+        serve = [
+            sys.executable,
+            "-m",
+            "flows.serve",
+            "--port",
+            str(port),
+            "--home",
+            str(home),
+            "--project",
+            str(project),
+        ]
         subprocess.run(serve + ["--detach"], cwd=project, env=env, check=True)
         try:
             rows = []
@@ -97,16 +123,22 @@ def main() -> None:
                 rows.append((label, wall, prefect_records(run_id)))
         finally:
             subprocess.run(serve + ["--stop"], cwd=project, env=env, check=True)
-        print(f"\n{'run':<20}{'CLI wall s':>11}{'flow s':>9}{'stages s':>10}{'overhead s':>12}{'overhead':>10}"
-              f"{'pickup s':>10}{'stages ran':>12}")
+        print(
+            f"\n{'run':<20}{'CLI wall s':>11}{'flow s':>9}{'stages s':>10}{'overhead s':>12}{'overhead':>10}"
+            f"{'pickup s':>10}{'stages ran':>12}"
+        )
         for label, wall, record in rows:
             overhead = record["flow"] - record["stages"]
-            print(f"{label:<20}{wall:>11.1f}{record['flow']:>9.1f}{record['stages']:>10.1f}{overhead:>12.1f}"
-                  f"{overhead / record['flow']:>10.1%}{record['pickup']:>10.1f}{record['ran']:>7}/{record['tasks']}")
+            print(
+                f"{label:<20}{wall:>11.1f}{record['flow']:>9.1f}{record['stages']:>10.1f}{overhead:>12.1f}"
+                f"{overhead / record['flow']:>10.1%}{record['pickup']:>10.1f}{record['ran']:>7}/{record['tasks']}"
+            )
         if args.compare_dvc:
             plain = timed_dvc_repro(clone(scratch / "plain"), env)
-            print(f"\n`dvc repro` on a clean clone: {plain:.1f} s; the served flow's CLI wall time was "
-                  f"{rows[0][1]:.1f} s ({rows[0][1] / plain - 1:+.1%})")
+            print(
+                f"\n`dvc repro` on a clean clone: {plain:.1f} s; the served flow's CLI wall time was "
+                f"{rows[0][1]:.1f} s ({rows[0][1] / plain - 1:+.1%})"
+            )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class StageGraph:
     metric_files: dict[str, list[str]]
     """For each stage, its metrics and plots files (paths relative to the project)."""
     changed: set[str]
-    """Stages whose own dependencies, params or outputs differed from dvc.lock when the graph was read (`dvc status`)."""
+    """Stages whose dependencies, params or outputs differed from dvc.lock when the graph was read (`dvc status`)."""
 
 
 @dataclass
@@ -98,8 +98,16 @@ def run_stage(root: Path, name: str, on_line: Callable[[str], None]) -> StageRun
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", name]
     tail: list[str] = []
     outcome = SKIPPED
-    with subprocess.Popen(command, cwd=root, env=stage_environment(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace") as process:
+    with subprocess.Popen(
+        command,
+        cwd=root,
+        env=stage_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        errors="replace",
+    ) as process:
         for raw in process.stdout:
             line = raw.rstrip()
             if not line:
@@ -121,12 +129,18 @@ def save_experiment(root: Path, name: str, files: list[str]) -> str:
     """
     include = [argument for path in files if (root / path).exists() for argument in ("--include-untracked", path)]
     command = [sys.executable, "-m", "dvc", "exp", "save", "--name", name, "--force", *include]
-    result = subprocess.run(command, cwd=root, env=_with_git_identity(root, stage_environment()),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        command, cwd=root, env=_with_git_identity(root, stage_environment()), capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise RuntimeError(f"dvc exp save failed:\n{result.stdout}{result.stderr}")
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"], cwd=root,
-                          capture_output=True, text=True, check=True).stdout.splitlines()
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     commits = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
     if not commits:
         raise RuntimeError(f"dvc exp save reported success but no experiment named {name} exists")
@@ -149,9 +163,20 @@ def matching_experiment(root: Path, files: list[str]) -> tuple[str, str] | None:
 
     A run that changed nothing need not be recorded again (`dvc exp save` costs seconds).
     """
-    refs = subprocess.run(["git", "for-each-ref", "--sort=-committerdate", "--count=1",
-                           "--format=%(objectname) %(refname:lstrip=-1)", "refs/exps/"],
-                          cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    refs = subprocess.run(
+        [
+            "git",
+            "for-each-ref",
+            "--sort=-committerdate",
+            "--count=1",
+            "--format=%(objectname) %(refname:lstrip=-1)",
+            "refs/exps/",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     if not refs:
         return None
     commit, name = refs

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -33,8 +34,8 @@ from flows.dvc_project import (
     run_stage,
     save_experiment,
 )
-from flows.reports import changed_params, eval_summary_rows, guard_warnings, read_scores, run_report_markdown
 from flows.params_file import extended_rounds, write_params
+from flows.reports import changed_params, eval_summary_rows, guard_warnings, read_scores, run_report_markdown
 from tasks.lib.params import ParamsError, apply_overrides, load_params
 from tasks.lib.schema import Params
 from tasks.lib.stage import BAD_INPUT_EXIT
@@ -100,8 +101,13 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
     return not (isinstance(error, StageFailed) and error.exit_status == BAD_INPUT_EXIT)
 
 
-@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False,
-      retry_condition_fn=_retry_unless_bad_input)
+@task(
+    name="stage",
+    task_run_name="{name}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retry_condition_fn=_retry_unless_bad_input,
+)
 def dvc_stage(project: str, name: str, may_have_changed: bool):
     """One stage of dvc.yaml. The task run's state is named after the outcome: Ran, Skipped or Restored."""
     logger = get_run_logger()
@@ -118,8 +124,9 @@ def run_stages(root: Path, graph: StageGraph, params: Params) -> tuple[list[Stag
 
     A stage that `dvc status` reports unchanged, and whose upstream stages all skipped, is not started at all.
     """
-    stage_task = dvc_stage.with_options(retries=params.orchestration.retries,
-                                        retry_delay_seconds=params.orchestration.retry_delay_seconds)
+    stage_task = dvc_stage.with_options(
+        retries=params.orchestration.retries, retry_delay_seconds=params.orchestration.retry_delay_seconds
+    )
     executed: set[str] = set()
     runs: list[StageRun] = []
     for name in graph.order:
@@ -154,13 +161,16 @@ def _record(root: Path, graph: StageGraph) -> tuple[str | None, str]:
         return name, f"Nothing changed since experiment `{name}` (commit `{commit[:12]}`); not recorded again."
     name = f"{flow_run.name}-{flow_run.id[:8]}"
     commit = save_experiment(root, name, files)
-    return name, (f"Recorded as DVC experiment `{name}` (commit `{commit[:12]}`: this run's params.yaml, dvc.lock "
-                  "and metrics; `dvc exp show` lists every run).")
+    return name, (
+        f"Recorded as DVC experiment `{name}` (commit `{commit[:12]}`: this run's params.yaml, dvc.lock "
+        "and metrics; `dvc exp show` lists every run)."
+    )
 
 
 @flow(name=FLOW_NAME, persist_result=False)
-def sft_dpo(overrides: dict[str, Any] | None = None, rounds: int | None = None, next_round: bool = False,
-            project: str = "."):
+def sft_dpo(
+    overrides: dict[str, Any] | None = None, rounds: int | None = None, next_round: bool = False, project: str = "."
+):
     """Run the SFT → DPO pipeline of dvc.yaml stage by stage.
 
     Args:
@@ -187,17 +197,29 @@ def sft_dpo(overrides: dict[str, Any] | None = None, rounds: int | None = None, 
             notes.append(note)
         metrics = _metrics(root, graph)
     report = run_report_markdown(
-        runs, flow_seconds=time.perf_counter() - started, failure=str(failure) if failure else None,
+        runs,
+        flow_seconds=time.perf_counter() - started,
+        failure=str(failure) if failure else None,
         params_changes=changed_params(original, apply_overrides(original, {**plan.lasting, **plan.this_run})),
-        warnings=guard_warnings(metrics), notes=notes)
+        warnings=guard_warnings(metrics),
+        notes=notes,
+    )
     create_markdown_artifact(key="run-report", markdown=report, description="Stage outcomes of the sft-dpo run")
     if failure is not None:
         raise failure
-    create_table_artifact(key="eval-summary", table=eval_summary_rows(read_scores(summary_file), previous_scores),
-                          description="Eval metrics per model (change since the previous run)")
+    create_table_artifact(
+        key="eval-summary",
+        table=eval_summary_rows(read_scores(summary_file), previous_scores),
+        description="Eval metrics per model (change since the previous run)",
+    )
     outcomes = {run.name: run.outcome for run in runs}
     ran = [name for name, outcome in outcomes.items() if outcome != SKIPPED]
     restored = [name for name, outcome in outcomes.items() if outcome == RESTORED]
-    logger.info("%d stages: %d ran or restored (%s), %d restored from run-cache", len(runs), len(ran),
-                ", ".join(ran) or "none", len(restored))
+    logger.info(
+        "%d stages: %d ran or restored (%s), %d restored from run-cache",
+        len(runs),
+        len(ran),
+        ", ".join(ran) or "none",
+        len(restored),
+    )
     return {"stages": outcomes, "experiment": experiment}

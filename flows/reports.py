@@ -38,8 +38,12 @@ def _cell(value: float | None, before: float | None) -> str:
 
 def guard_warnings(metrics: dict[str, Any]) -> list[str]:
     """Collapse-guard reasons recorded in any metrics file (`guard_reasons`), as `file: reason`."""
-    return [f"{path}: {reason}" for path, values in metrics.items() if isinstance(values, dict)
-            for reason in values.get("guard_reasons") or []]
+    return [
+        f"{path}: {reason}"
+        for path, values in metrics.items()
+        if isinstance(values, dict)
+        for reason in values.get("guard_reasons") or []
+    ]
 
 
 def changed_params(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -55,14 +59,26 @@ def changed_params(before: dict[str, Any], after: dict[str, Any], prefix: str = 
     return changes
 
 
-def run_report_markdown(runs: list[StageRun], *, flow_seconds: float, failure: str | None,
-                        params_changes: dict[str, tuple[Any, Any]], warnings: list[str], notes: list[str]) -> str:
+def run_report_markdown(
+    runs: list[StageRun],
+    *,
+    flow_seconds: float,
+    failure: str | None,
+    params_changes: dict[str, tuple[Any, Any]],
+    warnings: list[str],
+    notes: list[str],
+) -> str:
     """The `run-report` artifact: each stage's outcome and duration, what differed from params.yaml, guard warnings."""
     stage_seconds = sum(run.seconds for run in runs)
     overhead = max(flow_seconds - stage_seconds, 0.0)
     lines = [f"## {'Failed' if failure else 'Completed'}: {len(runs)} stages in {flow_seconds:.1f} s", ""]
-    lines += [f"Stage commands {stage_seconds:.1f} s, orchestration {overhead:.1f} s "
-              f"({overhead / flow_seconds:.1%} of the run)." if flow_seconds else "", ""]
+    lines += [
+        f"Stage commands {stage_seconds:.1f} s, orchestration {overhead:.1f} s "
+        f"({overhead / flow_seconds:.1%} of the run)."
+        if flow_seconds
+        else "",
+        "",
+    ]
     lines += ["| stage | outcome | seconds |", "| --- | --- | ---: |"]
     lines += [f"| {run.name} | {run.outcome} | {run.seconds:.1f} |" for run in runs]
     if failure:

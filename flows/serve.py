@@ -30,8 +30,12 @@ def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default=os.environ.get("PREFECT_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PREFECT_PORT", "4200")))
-    parser.add_argument("--home", type=Path, default=Path(os.environ.get("PREFECT_HOME", ROOT / ".prefect")),
-                        help="Prefect's folder: database, settings, serve log and pid files")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=Path(os.environ.get("PREFECT_HOME", ROOT / ".prefect")),
+        help="Prefect's folder: database, settings, serve log and pid files",
+    )
     parser.add_argument("--project", type=Path, default=ROOT, help="the project whose pipeline is served")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--detach", action="store_true", help="serve in the background; stop with --stop")
@@ -74,8 +78,18 @@ def _start_server(args: argparse.Namespace, api_url: str) -> subprocess.Popen | 
         print(f"using the Prefect server already at {api_url}")
         return None
     log = args.home / "server.log"
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port),
-               "--analytics-off"]
+    command = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "server",
+        "start",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--analytics-off",
+    ]
     # Its own session: Ctrl-C reaches the runner first, which then stops the server in order.
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     (args.home / "server.pid").write_text(str(server.pid))
@@ -113,11 +127,20 @@ def _deployments(project: Path):
     plan = load_params(project / PARAMS_FILE).orchestration.next_round
     schedules = [Cron(plan.cron, timezone=plan.timezone)] if plan.cron else []
     # One run at a time per deployment (DVC holds a repository lock); the runner's limit covers both.
-    pipeline = sft_dpo.to_deployment(name="sft-dpo", concurrency_limit=1, tags=["sft-dpo"],
-                                     description="The whole pipeline; only what changed re-runs.")
-    next_round = sft_dpo.to_deployment(name="next-round", concurrency_limit=1, tags=["sft-dpo"],
-                                       parameters={"next_round": True}, schedules=schedules,
-                                       description="Append the next DPO round and run what it needs.")
+    pipeline = sft_dpo.to_deployment(
+        name="sft-dpo",
+        concurrency_limit=1,
+        tags=["sft-dpo"],
+        description="The whole pipeline; only what changed re-runs.",
+    )
+    next_round = sft_dpo.to_deployment(
+        name="next-round",
+        concurrency_limit=1,
+        tags=["sft-dpo"],
+        parameters={"next_round": True},
+        schedules=schedules,
+        description="Append the next DPO round and run what it needs.",
+    )
     return pipeline, next_round, plan
 
 
@@ -132,8 +155,9 @@ def serve_foreground(args: argparse.Namespace) -> None:
         from prefect import serve
 
         pipeline, next_round, plan = _deployments(args.project)
-        schedule = (f"on cron {plan.cron!r} ({plan.timezone})" if plan.cron
-                    else "unscheduled (orchestration.next_round.cron)")
+        schedule = (
+            f"on cron {plan.cron!r} ({plan.timezone})" if plan.cron else "unscheduled (orchestration.next_round.cron)"
+        )
         print(f"serving sft-dpo/sft-dpo and sft-dpo/next-round, {schedule}; Ctrl-C stops both")
         serve(pipeline, next_round, limit=1)
     except KeyboardInterrupt:
@@ -150,15 +174,27 @@ def serve_detached(args: argparse.Namespace) -> None:
     pid_file, log = args.home / "serve.pid", args.home / "serve.log"
     if pid_file.exists() and _alive(int(pid_file.read_text())):
         sys.exit(f"already serving (pid {pid_file.read_text()}); `make stop` first")
-    command = [sys.executable, "-m", "flows.serve", "--host", args.host, "--port", str(args.port),
-               "--home", str(args.home), "--project", str(args.project)]
-    runner = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                              cwd=ROOT)
+    command = [
+        sys.executable,
+        "-m",
+        "flows.serve",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--home",
+        str(args.home),
+        "--project",
+        str(args.project),
+    ]
+    runner = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     pid_file.write_text(str(runner.pid))
     # Prefect prints this once both deployments are registered and the runner polls for their runs.
     _wait_until(lambda: SERVING_MESSAGE in log.read_text(errors="replace"), "flows.serve", runner, log)
-    print(f"serving in the background (pid {runner.pid}, log {log}); UI at {api_url.removesuffix('/api')}; "
-          "`make stop` stops it")
+    print(
+        f"serving in the background (pid {runner.pid}, log {log}); UI at {api_url.removesuffix('/api')}; "
+        "`make stop` stops it"
+    )
 
 
 def _alive(pid: int) -> bool:

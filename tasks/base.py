@@ -120,8 +120,9 @@ def run(params: Params, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={"--corpus": "text the built-in tokenizer is trained on",
-                                          "--out": "the base folder"})
+    stage_main(
+        __doc__, run, argv, paths={"--corpus": "text the built-in tokenizer is trained on", "--out": "the base folder"}
+    )
 
 
 if __name__ == "__main__":

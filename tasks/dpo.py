@@ -67,29 +67,51 @@ def sanity_generations(model, tokenizer, prompts: list, guard: GuardParams) -> l
     for prompt in prompts:
         inputs = tokenizer(render(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).to(model.device)
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=guard.sanity_max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(
+                **inputs,
+                max_new_tokens=guard.sanity_max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
         text = tokenizer.decode(new_tokens, skip_special_tokens=True)
         ratio = distinct_trigram_ratio(new_tokens)
-        results.append({"response": text, "distinct_trigrams": ratio,
-                        "passed": bool(text.strip()) and ratio >= guard.min_distinct_trigrams})
+        results.append(
+            {
+                "response": text,
+                "distinct_trigrams": ratio,
+                "passed": bool(text.strip()) and ratio >= guard.min_distinct_trigrams,
+            }
+        )
     return results
 
 
 def guard_verdict(guard: GuardParams, drift: float, pass_rate: float) -> list[str]:
     reasons = []
     if drift < -guard.max_chosen_logp_drop:
-        reasons.append(f"held-out chosen log-prob fell by {-drift:.2f} nats (dpo.guard.max_chosen_logp_drop: "
-                       f"{guard.max_chosen_logp_drop})")
+        reasons.append(
+            f"held-out chosen log-prob fell by {-drift:.2f} nats (dpo.guard.max_chosen_logp_drop: "
+            f"{guard.max_chosen_logp_drop})"
+        )
     if pass_rate < guard.min_sanity_pass_rate:
-        reasons.append(f"only {pass_rate:.0%} of sanity generations passed (dpo.guard.min_sanity_pass_rate: "
-                       f"{guard.min_sanity_pass_rate:.0%})")
+        reasons.append(
+            f"only {pass_rate:.0%} of sanity generations passed (dpo.guard.min_sanity_pass_rate: "
+            f"{guard.min_sanity_pass_rate:.0%})"
+        )
     return reasons
 
 
-def train_round(params: Params, name: str, policy: Path, reference_logps: Path, out: Path, checkpoints: Path,
-                logs: Path | None, plots: Path, metrics: Path) -> dict:
+def train_round(
+    params: Params,
+    name: str,
+    policy: Path,
+    reference_logps: Path,
+    out: Path,
+    checkpoints: Path,
+    logs: Path | None,
+    plots: Path,
+    metrics: Path,
+) -> dict:
     """Train round `name` from `policy`; write the new policy, its plots and guarded metrics."""
     from datasets import load_dataset
 
@@ -97,9 +119,14 @@ def train_round(params: Params, name: str, policy: Path, reference_logps: Path, 
     lora = params.dpo.method == "lora"
     tokenizer = load_tokenizer(str(policy), params.model)
     model = load_model(str(policy), params.model, quantize=lora)
-    data = load_dataset("json", data_files={split: str(reference_logps / f"{split}.jsonl") for split in ("train", "eval")})
-    fingerprint = {"dpo": params.dpo.model_dump(mode="json", exclude={"rounds"}), "round": spec.model_dump(),
-                   "pairs": file_digest(reference_logps / "train.jsonl")}
+    data = load_dataset(
+        "json", data_files={split: str(reference_logps / f"{split}.jsonl") for split in ("train", "eval")}
+    )
+    fingerprint = {
+        "dpo": params.dpo.model_dump(mode="json", exclude={"rounds"}),
+        "round": spec.model_dump(),
+        "pairs": file_digest(reference_logps / "train.jsonl"),
+    }
     resume = resume_checkpoint(checkpoints, fingerprint)
     loss = params.dpo.loss
     config = dpo_sequence_config(
@@ -135,7 +162,9 @@ def train_round(params: Params, name: str, policy: Path, reference_logps: Path, 
         save_policy(merged, tokenizer, scratch)
         scrub_local_paths(scratch)
         scrub_local_paths(scratch / ADAPTER_DIR)
-        prompts = [row["prompt"] for row in load_records(reference_logps / "eval.jsonl")][: params.dpo.guard.sanity_prompts]
+        prompts = [row["prompt"] for row in load_records(reference_logps / "eval.jsonl")][
+            : params.dpo.guard.sanity_prompts
+        ]
         sanity = sanity_generations(merged, tokenizer, prompts, params.dpo.guard)
 
     reference_chosen = statistics.fmean(data["eval"]["ref_chosen_logps"])
@@ -161,28 +190,42 @@ def train_round(params: Params, name: str, policy: Path, reference_logps: Path, 
         "guard_reasons": reasons,
         "resumed_from": Path(resume).name if resume else None,
     }
-    write_json(plots, [{"step": row["step"], **{k: row[k] for k in PLOTTED if k in row}}
-                       for row in history if "loss" in row])
+    write_json(
+        plots, [{"step": row["step"], **{k: row[k] for k in PLOTTED if k in row}} for row in history if "loss" in row]
+    )
     write_json(metrics, summary)
     return summary
 
 
 def _reference_accuracy(eval_data) -> float:
     """Held-out preference accuracy of the reference itself (chosen strictly more likely)."""
-    pairs = zip(eval_data["ref_chosen_logps"], eval_data["ref_rejected_logps"])
+    pairs = zip(eval_data["ref_chosen_logps"], eval_data["ref_rejected_logps"], strict=True)
     return statistics.fmean(float(chosen > rejected) for chosen, rejected in pairs)
 
 
 def shout(name: str, reasons: list[str]) -> None:
     bar = "!" * 78
-    print(f"\n{bar}\nCOLLAPSE GUARD: round {name} is FAILED-QUALITY\n" + "\n".join(f"  - {r}" for r in reasons)
-          + "\nLower dpo.train.learning_rate, raise dpo.loss.beta, or add an sft term to dpo.loss.types.\n"
-          + f"{bar}\n", file=sys.stderr)
+    print(
+        f"\n{bar}\nCOLLAPSE GUARD: round {name} is FAILED-QUALITY\n"
+        + "\n".join(f"  - {r}" for r in reasons)
+        + "\nLower dpo.train.learning_rate, raise dpo.loss.beta, or add an sft term to dpo.loss.types.\n"
+        + f"{bar}\n",
+        file=sys.stderr,
+    )
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    summary = train_round(params, args.round, args.policy, args.reference_logps, args.out, args.checkpoints,
-                          args.logs, args.plots, args.metrics)
+    summary = train_round(
+        params,
+        args.round,
+        args.policy,
+        args.reference_logps,
+        args.out,
+        args.checkpoints,
+        args.logs,
+        args.plots,
+        args.metrics,
+    )
     print(json.dumps({k: v for k, v in summary.items() if k != "sanity_examples"}, indent=2))
     if summary["guard_reasons"]:
         shout(args.round, summary["guard_reasons"])
@@ -191,14 +234,21 @@ def run(params: Params, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, takes_round=True, paths={
-        "--policy": "policy the round starts from",
-        "--reference-logps": "the round's reference log-probs folder",
-        "--out": "the round's trained candidate policy",
-        "--checkpoints": "resumable trainer checkpoints",
-        "--plots": "per-step training curves (DVC plots file)",
-        "--metrics": "the stage's metrics (collapse guard verdict)",
-    }, optional_paths={"--logs": "TensorBoard folder"})
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        takes_round=True,
+        paths={
+            "--policy": "policy the round starts from",
+            "--reference-logps": "the round's reference log-probs folder",
+            "--out": "the round's trained candidate policy",
+            "--checkpoints": "resumable trainer checkpoints",
+            "--plots": "per-step training curves (DVC plots file)",
+            "--metrics": "the stage's metrics (collapse guard verdict)",
+        },
+        optional_paths={"--logs": "TensorBoard folder"},
+    )
 
 
 if __name__ == "__main__":

@@ -39,19 +39,23 @@ def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -
     preference, generation, seen = [], [], set()
     for pair in eval_pairs:
         context = render(tokenizer, pair["prompt"])
-        preference.append({
-            "context": context,
-            "chosen": _continuation(tokenizer, pair["prompt"], pair["chosen"], context),
-            "rejected": _continuation(tokenizer, pair["prompt"], pair["rejected"], context),
-        })
+        preference.append(
+            {
+                "context": context,
+                "chosen": _continuation(tokenizer, pair["prompt"], pair["chosen"], context),
+                "rejected": _continuation(tokenizer, pair["prompt"], pair["rejected"], context),
+            }
+        )
         if context not in seen:
             seen.add(context)
-            generation.append({"context": context, "question": last_content(pair["prompt"]),
-                               "chosen": last_content(pair["chosen"])})
+            generation.append(
+                {"context": context, "question": last_content(pair["prompt"]), "chosen": last_content(pair["chosen"])}
+            )
     perplexity = []
     for row in sft_heldout:
-        prompt, completion = (row["messages"][:-1], row["messages"][-1:]) if "messages" in row else (
-            row["prompt"], row["completion"])
+        prompt, completion = (
+            (row["messages"][:-1], row["messages"][-1:]) if "messages" in row else (row["prompt"], row["completion"])
+        )
         context = render(tokenizer, prompt)
         perplexity.append({"context": context, "completion": _continuation(tokenizer, prompt, completion, context)})
     return {"sftdpo_preference": preference, "sftdpo_generation": generation, "sftdpo_perplexity": perplexity}
@@ -72,13 +76,19 @@ def evaluate_model(params: Params, model: Path, eval_pairs: Path, sft_heldout: P
             spec = load_yaml(TASKS_DIR / f"{task}.yaml")
             spec["dataset_kwargs"] = {"data_files": {"test": str(data_file)}}
             if task == "sftdpo_generation":
-                spec["generation_kwargs"] = {"until": [tokenizer.eos_token], "do_sample": False,
-                                             "max_gen_toks": params.eval.max_new_tokens}
+                spec["generation_kwargs"] = {
+                    "until": [tokenizer.eos_token],
+                    "do_sample": False,
+                    "max_gen_toks": params.eval.max_new_tokens,
+                }
             specs.append(spec)
         results = lm_eval.simple_evaluate(
             model="hf",
-            model_args={"pretrained": str(model), "dtype": params.model.dtype,
-                        "trust_remote_code": params.model.trust_remote_code},
+            model_args={
+                "pretrained": str(model),
+                "dtype": params.model.dtype,
+                "trust_remote_code": params.model.trust_remote_code,
+            },
             tasks=specs,
             task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
             batch_size=params.eval.batch_size,
@@ -101,12 +111,17 @@ def run(params: Params, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={
-        "--model": "a model folder",
-        "--eval-pairs": "prepared held-out pairs",
-        "--sft-heldout": "held-out SFT rows",
-        "--out": "JSON {metric: value}",
-    })
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        paths={
+            "--model": "a model folder",
+            "--eval-pairs": "prepared held-out pairs",
+            "--sft-heldout": "held-out SFT rows",
+            "--out": "JSON {metric: value}",
+        },
+    )
 
 
 if __name__ == "__main__":

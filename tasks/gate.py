@@ -35,21 +35,36 @@ def refusals(gate: GateParams, candidate: dict[str, float], baseline: dict[str, 
     if "task_accuracy" in candidate and "task_accuracy" in baseline:
         drop = baseline["task_accuracy"] - candidate["task_accuracy"]
         if drop > gate.max_task_accuracy_drop + 1e-9:
-            reasons.append(f"task_accuracy fell {baseline['task_accuracy']:.4f} -> {candidate['task_accuracy']:.4f} "
-                           f"(dpo.gate.max_task_accuracy_drop: {gate.max_task_accuracy_drop})")
+            reasons.append(
+                f"task_accuracy fell {baseline['task_accuracy']:.4f} -> {candidate['task_accuracy']:.4f} "
+                f"(dpo.gate.max_task_accuracy_drop: {gate.max_task_accuracy_drop})"
+            )
     if "perplexity" in candidate and "perplexity" in baseline:
         rise = candidate["perplexity"] / baseline["perplexity"] - 1
         if rise > gate.max_perplexity_rise + 1e-9:
-            reasons.append(f"perplexity rose {baseline['perplexity']:.4g} -> {candidate['perplexity']:.4g} "
-                           f"(+{rise:.1%}; dpo.gate.max_perplexity_rise: {gate.max_perplexity_rise:.0%})")
+            reasons.append(
+                f"perplexity rose {baseline['perplexity']:.4g} -> {candidate['perplexity']:.4g} "
+                f"(+{rise:.1%}; dpo.gate.max_perplexity_rise: {gate.max_perplexity_rise:.0%})"
+            )
     if gate.require_guard_ok and guard.get("quality") != "ok":
-        reasons.append(f"collapse guard: {'; '.join(guard.get('guard_reasons') or ['failed-quality'])} "
-                       "(dpo.gate.require_guard_ok: true)")
+        reasons.append(
+            f"collapse guard: {'; '.join(guard.get('guard_reasons') or ['failed-quality'])} "
+            "(dpo.gate.require_guard_ok: true)"
+        )
     return reasons
 
 
-def gate_round(params: Params, name: str, candidate: Path, candidate_eval: Path, round_metrics: Path, baseline: Path,
-               baseline_eval: Path, out: Path, eval_out: Path) -> dict:
+def gate_round(
+    params: Params,
+    name: str,
+    candidate: Path,
+    candidate_eval: Path,
+    round_metrics: Path,
+    baseline: Path,
+    baseline_eval: Path,
+    out: Path,
+    eval_out: Path,
+) -> dict:
     candidate_scores = policy_metrics(read_json(candidate_eval))
     baseline_scores = policy_metrics(read_json(baseline_eval))
     reasons = refusals(params.dpo.gate, candidate_scores, baseline_scores, read_json(round_metrics))
@@ -57,7 +72,9 @@ def gate_round(params: Params, name: str, candidate: Path, candidate_eval: Path,
     source = name if promoted else trained_round(baseline)
     with atomic_path(out) as scratch:
         shutil.copytree(candidate if promoted else baseline, scratch)
-        write_json(scratch / PROMOTION_FILE, {"round": name, "promoted": promoted, "source": source, "reasons": reasons})
+        write_json(
+            scratch / PROMOTION_FILE, {"round": name, "promoted": promoted, "source": source, "reasons": reasons}
+        )
     decision = {
         **(candidate_scores if promoted else baseline_scores),
         "promoted": promoted,
@@ -71,25 +88,42 @@ def gate_round(params: Params, name: str, candidate: Path, candidate_eval: Path,
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    decision = gate_round(params, args.round, args.candidate, args.candidate_eval, args.round_metrics, args.baseline,
-                          args.baseline_eval, args.out, args.eval_out)
+    decision = gate_round(
+        params,
+        args.round,
+        args.candidate,
+        args.candidate_eval,
+        args.round_metrics,
+        args.baseline,
+        args.baseline_eval,
+        args.out,
+        args.eval_out,
+    )
     if decision["promoted"]:
         print(f"gate: {args.round} promoted")
     else:
-        print(f"gate: {args.round} REFUSED; the next round starts from {decision['source']}'s policy:\n"
-              + "\n".join(f"  - {reason}" for reason in decision["reasons"]))
+        print(
+            f"gate: {args.round} REFUSED; the next round starts from {decision['source']}'s policy:\n"
+            + "\n".join(f"  - {reason}" for reason in decision["reasons"])
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, takes_round=True, paths={
-        "--candidate": "the round's trained policy",
-        "--candidate-eval": "its evaluation",
-        "--round-metrics": "the dpo stage's metrics (collapse guard)",
-        "--baseline": "the policy the round started from",
-        "--baseline-eval": "its evaluation",
-        "--out": "the round's policy after the gate",
-        "--eval-out": "that policy's metrics and the decision",
-    })
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        takes_round=True,
+        paths={
+            "--candidate": "the round's trained policy",
+            "--candidate-eval": "its evaluation",
+            "--round-metrics": "the dpo stage's metrics (collapse guard)",
+            "--baseline": "the policy the round started from",
+            "--baseline-eval": "its evaluation",
+            "--out": "the round's policy after the gate",
+            "--eval-out": "that policy's metrics and the decision",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,11 @@ def batch_seed(seed: int, index: int) -> int:
 
 
 def sampling_fingerprint(params: Params, policy: Path, prompts: Path) -> dict:
-    return {"policy": directory_digest(policy), "prompts": file_digest(prompts),
-            "generate": params.onpolicy.generate.model_dump(mode="json")}
+    return {
+        "policy": directory_digest(policy),
+        "prompts": file_digest(prompts),
+        "generate": params.onpolicy.generate.model_dump(mode="json"),
+    }
 
 
 def generate_round(params: Params, policy: Path, prompts: Path, out: Path, checkpoints: Path, metrics: Path) -> dict:
@@ -52,10 +55,13 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
         if backend is None:
             backend = open_backend(settings.backend, policy, params.model)
             tokenizer = backend.tokenizer
-        samples = backend.sample([render(tokenizer, row["prompt"]) for row in batch], settings,
-                                 batch_seed(settings.seed, index))
-        finished = [{**row, "responses": [s.text for s in group], "tokens": [s.tokens for s in group]}
-                    for row, group in zip(batch, samples)]
+        samples = backend.sample(
+            [render(tokenizer, row["prompt"]) for row in batch], settings, batch_seed(settings.seed, index)
+        )
+        finished = [
+            {**row, "responses": [s.text for s in group], "tokens": [s.tokens for s in group]}
+            for row, group in zip(batch, samples, strict=True)
+        ]
         with atomic_path(checkpoints / f"{index:06d}.jsonl") as scratch:
             write_records(scratch, finished)
     seconds = time.perf_counter() - started
@@ -86,19 +92,26 @@ def run(params: Params, args: argparse.Namespace) -> None:
     if not args.prompts.exists():
         exit_bad_input(f"--prompts {args.prompts}: no such file")
     summary = generate_round(params, args.policy, args.prompts, args.out, args.checkpoints, args.metrics)
-    print(f"generate: {summary['responses']} responses to {summary['prompts']} prompts, {summary['new_tokens']} tokens"
-          f" in {summary['seconds']:.1f} s ({summary['tokens_per_second']} tokens/s), "
-          f"{summary['resumed_batches']} batches resumed")
+    print(
+        f"generate: {summary['responses']} responses to {summary['prompts']} prompts, {summary['new_tokens']} tokens"
+        f" in {summary['seconds']:.1f} s ({summary['tokens_per_second']} tokens/s), "
+        f"{summary['resumed_batches']} batches resumed"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={
-        "--policy": "policy folder to sample from",
-        "--prompts": "the round's prompts (from prompts@<round>)",
-        "--out": "prompts with their sampled responses (JSON lines)",
-        "--checkpoints": "finished batches, for resuming",
-        "--metrics": "the stage's metrics",
-    })
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        paths={
+            "--policy": "policy folder to sample from",
+            "--prompts": "the round's prompts (from prompts@<round>)",
+            "--out": "prompts with their sampled responses (JSON lines)",
+            "--checkpoints": "finished batches, for resuming",
+            "--metrics": "the stage's metrics",
+        },
+    )
 
 
 if __name__ == "__main__":

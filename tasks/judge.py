@@ -17,15 +17,16 @@ import hashlib
 import importlib
 import inspect
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from tasks.lib import builtin_task
 from tasks.lib.chat import last_content, render
+from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.hashing import directory_digest
 from tasks.lib.policies import has_cuda, load_tokenizer
-from tasks.lib.errors import DataError
 from tasks.lib.schema import JudgeParams, Params
 from tasks.lib.stage import stage_main
 
@@ -45,21 +46,30 @@ class RuleJudge:
 
     def __init__(self, settings: JudgeParams):
         self.correct_weight, self.polite_weight = settings.correct_weight, settings.polite_weight
-        self.identity = {"kind": "rule", "verifier": "tasks.lib.builtin_task:verify",
-                         "weights": {"correct": self.correct_weight, "polite": self.polite_weight},
-                         "source_sha256": _source_digest(builtin_task)}
+        self.identity = {
+            "kind": "rule",
+            "verifier": "tasks.lib.builtin_task:verify",
+            "weights": {"correct": self.correct_weight, "polite": self.polite_weight},
+            "source_sha256": _source_digest(builtin_task),
+        }
         self.verify = builtin_task.verify
 
     def verdicts(self, prompts: list[Any], responses: list[str]) -> list:
-        verdicts = [self.verify(last_content(prompt), response) for prompt, response in zip(prompts, responses)]
+        verdicts = [
+            self.verify(last_content(prompt), response) for prompt, response in zip(prompts, responses, strict=True)
+        ]
         unknown = next((i for i, verdict in enumerate(verdicts) if verdict is None), None)
         if unknown is not None:
-            raise DataError(f"rule judge: {last_content(prompts[unknown])!r} is not a built-in task question "
-                            "(onpolicy.judge.kind: rule only knows data/generate.py's questions; use reward_model or function)")
+            raise DataError(
+                f"rule judge: {last_content(prompts[unknown])!r} is not a built-in task question "
+                "(onpolicy.judge.kind: rule only knows data/generate.py's questions; use reward_model or function)"
+            )
         return verdicts
 
     def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
-        return [self.correct_weight * v.correct + self.polite_weight * v.polite for v in self.verdicts(prompts, responses)]
+        return [
+            self.correct_weight * v.correct + self.polite_weight * v.polite for v in self.verdicts(prompts, responses)
+        ]
 
 
 class RewardModelJudge:
@@ -77,22 +87,39 @@ class RewardModelJudge:
         # The score is read at the last token that is not padding: the model must know the pad the tokenizer uses.
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to("cuda" if has_cuda() else "cpu").eval()
-        self.template = load_tokenizer(str(policy), params.model) if settings.chat_template == "policy" else self.tokenizer
+        self.template = (
+            load_tokenizer(str(policy), params.model) if settings.chat_template == "policy" else self.tokenizer
+        )
         local = Path(settings.reward_model)
-        self.identity = {"kind": "reward_model", "model": settings.reward_model,
-                         "revision": settings.reward_model_revision, "chat_template": settings.chat_template,
-                         "sha256": directory_digest(local) if local.is_dir() else None}
+        self.identity = {
+            "kind": "reward_model",
+            "model": settings.reward_model,
+            "revision": settings.reward_model_revision,
+            "chat_template": settings.chat_template,
+            "sha256": directory_digest(local) if local.is_dir() else None,
+        }
 
     def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
         import torch
 
-        texts = [render(self.template, prompt, [{"role": "assistant", "content": response}]
-                        if isinstance(prompt, list) else response) for prompt, response in zip(prompts, responses)]
+        texts = [
+            render(
+                self.template,
+                prompt,
+                [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response,
+            )
+            for prompt, response in zip(prompts, responses, strict=True)
+        ]
         scores: list[float] = []
         size = self.settings.batch_size
         for start in range(0, len(texts), size):
-            batch = self.tokenizer(texts[start : start + size], return_tensors="pt", padding=True, truncation=True,
-                                   add_special_tokens=False).to(self.model.device)
+            batch = self.tokenizer(
+                texts[start : start + size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                add_special_tokens=False,
+            ).to(self.model.device)
             with torch.no_grad():
                 scores.extend(self.model(**batch).logits[:, 0].float().tolist())
         return scores
@@ -111,7 +138,7 @@ class FunctionJudge:
         self.identity = {"kind": "function", "function": settings.function, "source_sha256": _source_digest(module)}
 
     def score(self, prompts: list[Any], responses: list[str]) -> list[float]:
-        scores = [self.function(prompt, response) for prompt, response in zip(prompts, responses)]
+        scores = [self.function(prompt, response) for prompt, response in zip(prompts, responses, strict=True)]
         bad = next((s for s in scores if not isinstance(s, (int, float)) or isinstance(s, bool)), None)
         if bad is not None:
             raise DataError(f"onpolicy.judge.function {self.identity['function']} returned {bad!r}, not a number")
@@ -133,7 +160,9 @@ def judge_round(params: Params, generations: Path, policy: Path, out: Path, metr
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
     responses = [text for row in rows for text in row["responses"]]
     scores = iter(judge.score(prompts, responses))
-    scored = [{**row, "scores": [next(scores) for _ in row["responses"]], "judge": judge.identity["kind"]} for row in rows]
+    scored = [
+        {**row, "scores": [next(scores) for _ in row["responses"]], "judge": judge.identity["kind"]} for row in rows
+    ]
     with atomic_path(out) as scratch:
         write_records(scratch, scored)
     flat = [score for row in scored for score in row["scores"]]
@@ -154,17 +183,24 @@ def judge_round(params: Params, generations: Path, policy: Path, out: Path, metr
 def run(params: Params, args: argparse.Namespace) -> None:
     summary = judge_round(params, args.generations, args.policy, args.out, args.metrics)
     rates = "".join(f", {k} {summary[k]:.3f}" for k in ("correct_rate", "polite_rate") if k in summary)
-    print(f"judge ({summary['judge']['kind']}): {summary['responses']} responses, mean score "
-          f"{summary['mean_score']}{rates}")
+    print(
+        f"judge ({summary['judge']['kind']}): {summary['responses']} responses, mean score "
+        f"{summary['mean_score']}{rates}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={
-        "--generations": "sampled responses (from generate@<round>)",
-        "--policy": "the sampling policy (its chat template)",
-        "--out": "responses with their scores (JSON lines)",
-        "--metrics": "the stage's metrics (judge identity, score summary)",
-    })
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        paths={
+            "--generations": "sampled responses (from generate@<round>)",
+            "--policy": "the sampling policy (its chat template)",
+            "--out": "responses with their scores (JSON lines)",
+            "--metrics": "the stage's metrics (judge identity, score summary)",
+        },
+    )
 
 
 if __name__ == "__main__":

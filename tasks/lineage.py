@@ -30,25 +30,69 @@ def round_lineage(name: str, files: dict[str, Path], reports: dict[str, Path]) -
     gate = report["gate"]
     return {
         "round": name,
-        "prompts": {"sha256": digest["prompts"], "human_pairs_sha256": digest["incoming"],
-                    **pick(report["prompts"], "pool", "pool_size", "prompts", "reused_prompts", "pool_exhausted",
-                           "incoming_pairs")},
-        "generations": {"sha256": digest["generations"],
-                        **pick(report["generate"], "policy", "backend", "sampling", "responses", "empty_responses",
-                               "mean_response_chars", "new_tokens", "tokens_per_second")},
-        "scores": {"sha256": digest["scored"],
-                   **pick(report["judge"], "judge", "mean_score", "correct_rate", "polite_rate", "prompts_with_spread")},
-        "pairs": {"sha256": digest["pairs"],
-                  **pick(report["pairs"], "pairs", "onpolicy_pairs", "human_pairs", "ties_dropped", "degenerate_dropped",
-                         "mean_score_gap", "chosen_chars_mean", "rejected_chars_mean", "chosen_tokens_mean",
-                         "rejected_tokens_mean", "truncated_rows")},
+        "prompts": {
+            "sha256": digest["prompts"],
+            "human_pairs_sha256": digest["incoming"],
+            **pick(
+                report["prompts"], "pool", "pool_size", "prompts", "reused_prompts", "pool_exhausted", "incoming_pairs"
+            ),
+        },
+        "generations": {
+            "sha256": digest["generations"],
+            **pick(
+                report["generate"],
+                "policy",
+                "backend",
+                "sampling",
+                "responses",
+                "empty_responses",
+                "mean_response_chars",
+                "new_tokens",
+                "tokens_per_second",
+            ),
+        },
+        "scores": {
+            "sha256": digest["scored"],
+            **pick(report["judge"], "judge", "mean_score", "correct_rate", "polite_rate", "prompts_with_spread"),
+        },
+        "pairs": {
+            "sha256": digest["pairs"],
+            **pick(
+                report["pairs"],
+                "pairs",
+                "onpolicy_pairs",
+                "human_pairs",
+                "ties_dropped",
+                "degenerate_dropped",
+                "mean_score_gap",
+                "chosen_chars_mean",
+                "rejected_chars_mean",
+                "chosen_tokens_mean",
+                "rejected_tokens_mean",
+                "truncated_rows",
+            ),
+        },
         "reference_logps": {"sha256": digest["reference_logps"]},
-        "checkpoint": {"sha256": digest["candidate"],
-                       **pick(report["dpo"], "previous", "reference", "steps", "train_loss_first", "train_loss_last",
-                              "eval_reward_accuracy", "quality")},
+        "checkpoint": {
+            "sha256": digest["candidate"],
+            **pick(
+                report["dpo"],
+                "previous",
+                "reference",
+                "steps",
+                "train_loss_first",
+                "train_loss_last",
+                "eval_reward_accuracy",
+                "quality",
+            ),
+        },
         "eval": report["gate"]["candidate"],
-        "gate": {"promoted": gate["promoted"], "reasons": gate["reasons"], "policy_source": gate["source"],
-                 "policy_sha256": digest["policy"]},
+        "gate": {
+            "promoted": gate["promoted"],
+            "reasons": gate["reasons"],
+            "policy_source": gate["source"],
+            "policy_sha256": digest["policy"],
+        },
     }
 
 
@@ -57,7 +101,9 @@ def run(params: Params, args: argparse.Namespace) -> None:
     reports = {step: getattr(args, f"{step}_report") for step in REPORTS}
     record = round_lineage(args.round, files, reports)
     write_json(args.out, record)
-    print(f"lineage@{args.round}: {record['pairs']['pairs']} pairs, promoted {record['gate']['promoted']} -> {args.out}")
+    print(
+        f"lineage@{args.round}: {record['pairs']['pairs']} pairs, promoted {record['gate']['promoted']} -> {args.out}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

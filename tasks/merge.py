@@ -40,11 +40,13 @@ def max_logit_difference(merged, base: Path, adapter: Path, tokenizer, texts: li
 
 def model_card(params: Params, lineage: dict) -> str:
     rounds = "\n".join(
-        f"| {name} | {row['previous']} | {row['reference']} | {'yes' if row['promoted'] else 'no: ' + '; '.join(row['reasons'])} |"
+        f"| {name} | {row['previous']} | {row['reference']} | {_decision(row)} |"
         for name, row in lineage["rounds"].items()
     )
     loss = params.dpo.loss
     sampling = params.onpolicy.generate
+    judge, pairs, prompts = params.onpolicy.judge, params.onpolicy.pairs, params.onpolicy.prompts
+    data_sha = {name: digest[:12] for name, digest in lineage["data"].items()}
     return f"""---
 library_name: transformers
 tags: [dpo, sft-dpo]
@@ -53,16 +55,18 @@ tags: [dpo, sft-dpo]
 
 Aligned with iterative Direct Preference Optimization by the sft-dpo pipeline: SFT, a frozen
 reference snapshot of the SFT policy, then {len(params.dpo.rounds)} on-policy DPO round(s) (sample from the
-current policy, judge, pair, train, gate); this is the policy of round **{lineage['source']}**, the last one the
+current policy, judge, pair, train, gate); this is the policy of round **{lineage["source"]}**, the last one the
 promotion gate accepted, merged into a standalone model.
 
 - base: `{params.model.base}`
-- SFT: {params.sft.method}, data `{params.data.sft}` (sha256 `{lineage['data'][params.data.sft][:12]}`)
-- reference snapshot sha256: `{lineage['reference_sha256'][:12]}`
-- prompts: `{params.onpolicy.prompts.pool}` (sha256 `{lineage['data'][params.onpolicy.prompts.pool][:12]}`), {params.onpolicy.prompts.per_round} per round
-- sampling: {sampling.samples_per_prompt} per prompt, temperature {sampling.temperature}, top_p {sampling.top_p}; judge `{params.onpolicy.judge.kind}`; pairs `{params.onpolicy.pairs.strategy}` (min gap {params.onpolicy.pairs.min_gap})
-- DPO: {params.dpo.method}, loss {loss.types} weights {loss.weights}, beta {loss.beta}, label smoothing {loss.label_smoothing},
-  learning rate {params.dpo.train.learning_rate}, epochs {params.dpo.train.epochs}
+- SFT: {params.sft.method}, data `{params.data.sft}` (sha256 `{data_sha[params.data.sft]}`)
+- reference snapshot sha256: `{lineage["reference_sha256"][:12]}`
+- prompts: `{prompts.pool}` (sha256 `{data_sha[prompts.pool]}`), {prompts.per_round} per round
+- sampling: {sampling.samples_per_prompt} per prompt, temperature {sampling.temperature}, top_p {sampling.top_p};
+  judge `{judge.kind}`; pairs `{pairs.strategy}` (min gap {pairs.min_gap})
+- DPO: {params.dpo.method}, loss {loss.types} weights {loss.weights}, beta {loss.beta},
+  label smoothing {loss.label_smoothing}, learning rate {params.dpo.train.learning_rate},
+  epochs {params.dpo.train.epochs}
 
 | round | starts from | reference | promoted |
 | --- | --- | --- | --- |
@@ -72,12 +76,20 @@ Load it with `AutoModelForCausalLM.from_pretrained(<this folder>)`; no project c
 """
 
 
+def _decision(row: dict) -> str:
+    return "yes" if row["promoted"] else "no: " + "; ".join(row["reasons"])
+
+
 def round_decisions(params: Params, policies: Path) -> dict[str, dict]:
     decisions = {}
     for name, spec in params.dpo.rounds.items():
         promotion = read_json(policies / name / PROMOTION_FILE)
-        decisions[name] = {"previous": spec.previous, "reference": spec.reference,
-                           "promoted": promotion["promoted"], "reasons": promotion["reasons"]}
+        decisions[name] = {
+            "previous": spec.previous,
+            "reference": spec.reference,
+            "promoted": promotion["promoted"],
+            "reasons": promotion["reasons"],
+        }
     return decisions
 
 
@@ -126,12 +138,17 @@ def run(params: Params, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={
-        "--policies": "folder of the sft snapshot and round policies",
-        "--reference-metrics": "the reference stage's metrics",
-        "--out": "the standalone merged model",
-        "--metrics": "the stage's metrics",
-    })
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        paths={
+            "--policies": "folder of the sft snapshot and round policies",
+            "--reference-metrics": "the reference stage's metrics",
+            "--out": "the standalone merged model",
+            "--metrics": "the stage's metrics",
+        },
+    )
 
 
 if __name__ == "__main__":

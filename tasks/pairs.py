@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.lib.chat import last_content
+from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.policies import load_tokenizer, resolve_base
-from tasks.lib.errors import DataError
 from tasks.lib.records import enforce_bad_line_policy, file_report, read_records, token_length_report
 from tasks.lib.schema import PairParams, Params
 from tasks.lib.stage import stage_main
@@ -32,7 +32,9 @@ def _response(prompt: Any, text: str) -> Any:
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
-def prompt_pairs(scores: list[float], texts: list[str], settings: PairParams) -> tuple[list[tuple[int, int]], str | None]:
+def prompt_pairs(
+    scores: list[float], texts: list[str], settings: PairParams
+) -> tuple[list[tuple[int, int]], str | None]:
     """(chosen, rejected) response indices of one prompt, or none and why ("tie" / "degenerate")."""
     usable = [i for i, text in enumerate(texts) if text]
     if len(usable) < 2:
@@ -60,10 +62,19 @@ def judged_pairs(scored: list[dict], settings: PairParams) -> tuple[list[dict], 
             dropped[reason] += 1
         for chosen, rejected in indices:
             gaps.append(row["scores"][chosen] - row["scores"][rejected])
-            pairs.append({"prompt": row["prompt"], "chosen": _response(row["prompt"], row["responses"][chosen]),
-                          "rejected": _response(row["prompt"], row["responses"][rejected])})
-    stats = {"prompts": len(scored), "ties_dropped": dropped["tie"], "degenerate_dropped": dropped["degenerate"],
-             "mean_score_gap": round(statistics.fmean(gaps), 4) if gaps else None}
+            pairs.append(
+                {
+                    "prompt": row["prompt"],
+                    "chosen": _response(row["prompt"], row["responses"][chosen]),
+                    "rejected": _response(row["prompt"], row["responses"][rejected]),
+                }
+            )
+    stats = {
+        "prompts": len(scored),
+        "ties_dropped": dropped["tie"],
+        "degenerate_dropped": dropped["degenerate"],
+        "mean_score_gap": round(statistics.fmean(gaps), 4) if gaps else None,
+    }
     return pairs, stats
 
 
@@ -85,9 +96,11 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
         write_records(scratch, onpolicy + human)
         result = read_records(scratch, "pairs")
         if not result.rows:
-            raise DataError(f"no preference pairs: {onpolicy_stats['ties_dropped']} of {onpolicy_stats['prompts']} "
-                            f"prompts' responses tied within onpolicy.pairs.min_gap={params.onpolicy.pairs.min_gap}, "
-                            f"{onpolicy_stats['degenerate_dropped']} were degenerate, and {incoming} has no human pairs")
+            raise DataError(
+                f"no preference pairs: {onpolicy_stats['ties_dropped']} of {onpolicy_stats['prompts']} "
+                f"prompts' responses tied within onpolicy.pairs.min_gap={params.onpolicy.pairs.min_gap}, "
+                f"{onpolicy_stats['degenerate_dropped']} were degenerate, and {incoming} has no human pairs"
+            )
         enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
         write_records(scratch, result.rows)
     name_or_path, revision = resolve_base(base)
@@ -107,20 +120,27 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
 
 def run(params: Params, args: argparse.Namespace) -> None:
     summary = build_pairs(params, args.scored, args.incoming, args.base, args.out, args.report)
-    print(f"pairs: {summary['pairs']} ({summary['onpolicy_pairs']} on-policy, {summary['human_pairs']} human); "
-          f"dropped {summary['ties_dropped']} ties, {summary['degenerate_dropped']} degenerate; mean gap "
-          f"{summary['mean_score_gap']}; chosen/rejected {summary['chosen_chars_mean']}/"
-          f"{summary['rejected_chars_mean']} chars")
+    print(
+        f"pairs: {summary['pairs']} ({summary['onpolicy_pairs']} on-policy, {summary['human_pairs']} human); "
+        f"dropped {summary['ties_dropped']} ties, {summary['degenerate_dropped']} degenerate; mean gap "
+        f"{summary['mean_score_gap']}; chosen/rejected {summary['chosen_chars_mean']}/"
+        f"{summary['rejected_chars_mean']} chars"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={
-        "--scored": "judged responses (from judge@<round>)",
-        "--incoming": "the round's validated human pairs",
-        "--base": "base folder (its tokenizer measures lengths)",
-        "--out": "the round's training pairs (JSON lines)",
-        "--report": "the stage's report",
-    })
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        paths={
+            "--scored": "judged responses (from judge@<round>)",
+            "--incoming": "the round's validated human pairs",
+            "--base": "base folder (its tokenizer measures lengths)",
+            "--out": "the round's training pairs (JSON lines)",
+            "--report": "the stage's report",
+        },
+    )
 
 
 if __name__ == "__main__":

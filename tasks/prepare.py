@@ -10,9 +10,9 @@ import argparse
 import random
 from pathlib import Path
 
+from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, write_json, write_records
 from tasks.lib.policies import load_tokenizer, resolve_base
-from tasks.lib.errors import DataError
 from tasks.lib.records import enforce_bad_line_policy, file_report, read_records, token_length_report
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
@@ -68,18 +68,25 @@ def prepare(params: Params, sft: Path, eval_pairs: Path, base: Path, out_dir: Pa
 def run(params: Params, args: argparse.Namespace) -> None:
     summary = prepare(params, args.sft, args.eval_pairs, args.base, args.out, args.report)
     for name, section in summary.items():
-        print(f"{name}: kept {section['kept']} of {section['lines']} lines, dropped {section['dropped']}, "
-              f"duplicates {section['duplicates_removed']}, truncated {section['truncated_rows']}")
+        print(
+            f"{name}: kept {section['kept']} of {section['lines']} lines, dropped {section['dropped']}, "
+            f"duplicates {section['duplicates_removed']}, truncated {section['truncated_rows']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={
-        "--sft": "SFT data (JSON lines)",
-        "--eval-pairs": "held-out preference pairs (JSON lines)",
-        "--base": "base folder (its tokenizer measures lengths)",
-        "--out": "folder for sft_train, sft_heldout, eval_pairs",
-        "--report": "the data report (DVC metric)",
-    })
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        paths={
+            "--sft": "SFT data (JSON lines)",
+            "--eval-pairs": "held-out preference pairs (JSON lines)",
+            "--base": "base folder (its tokenizer measures lengths)",
+            "--out": "folder for sft_train, sft_heldout, eval_pairs",
+            "--report": "the data report (DVC metric)",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ def incoming_pairs(params: Params, incoming: Path) -> tuple[list[dict], dict]:
     return result.rows, {"file": str(incoming), **file_report(result)}
 
 
-def draw_prompts(params: Params, round_name: str, pool: Path, incoming_dir: Path, out: Path, incoming_out: Path,
-                 report: Path) -> dict:
+def draw_prompts(
+    params: Params, round_name: str, pool: Path, incoming_dir: Path, out: Path, incoming_out: Path, report: Path
+) -> dict:
     result = read_records(pool, "prompts")
     enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
     settings = params.onpolicy.prompts
@@ -67,21 +68,31 @@ def draw_prompts(params: Params, round_name: str, pool: Path, incoming_dir: Path
 
 def run(params: Params, args: argparse.Namespace) -> None:
     summary = draw_prompts(params, args.round, args.pool, args.incoming, args.out, args.incoming_out, args.report)
-    print(f"prompts@{args.round}: {summary['prompts']} prompts from a pool of {summary['pool_size']}"
-          f" ({summary['reused_prompts']} reused), {summary['incoming_pairs']} human pairs")
+    print(
+        f"prompts@{args.round}: {summary['prompts']} prompts from a pool of {summary['pool_size']}"
+        f" ({summary['reused_prompts']} reused), {summary['incoming_pairs']} human pairs"
+    )
     if summary["pool_exhausted"]:
-        print(f"WARNING: the prompt pool is exhausted: {summary['reused_prompts']} prompts of round {args.round} "
-              "were used by earlier rounds; grow onpolicy.prompts.pool or lower per_round")
+        print(
+            f"WARNING: the prompt pool is exhausted: {summary['reused_prompts']} prompts of round {args.round} "
+            "were used by earlier rounds; grow onpolicy.prompts.pool or lower per_round"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, takes_round=True, paths={
-        "--pool": "prompt pool (JSON lines)",
-        "--incoming": "folder of per-round human pairs (<round>.jsonl)",
-        "--out": "the round's prompts (JSON lines)",
-        "--incoming-out": "the round's validated human pairs",
-        "--report": "the stage's report",
-    })
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        takes_round=True,
+        paths={
+            "--pool": "prompt pool (JSON lines)",
+            "--incoming": "folder of per-round human pairs (<round>.jsonl)",
+            "--out": "the round's prompts (JSON lines)",
+            "--incoming-out": "the round's validated human pairs",
+            "--report": "the stage's report",
+        },
+    )
 
 
 if __name__ == "__main__":

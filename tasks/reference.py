@@ -40,12 +40,17 @@ def run(params: Params, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={
-        "--base": "the base folder",
-        "--sft": "the SFT stage's policy (full weights or an adapter)",
-        "--out": "the frozen reference snapshot",
-        "--metrics": "the stage's metrics (snapshot sha256)",
-    })
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        paths={
+            "--base": "the base folder",
+            "--sft": "the SFT stage's policy (full weights or an adapter)",
+            "--out": "the frozen reference snapshot",
+            "--metrics": "the stage's metrics (snapshot sha256)",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -49,12 +49,17 @@ def run(params: Params, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={
-        "--reference": "the round's reference policy folder",
-        "--pairs": "the round's prepared training pairs",
-        "--eval-pairs": "prepared held-out pairs",
-        "--out": "folder for train.jsonl and eval.jsonl",
-    })
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        paths={
+            "--reference": "the round's reference policy folder",
+            "--pairs": "the round's prepared training pairs",
+            "--eval-pairs": "prepared held-out pairs",
+            "--out": "folder for train.jsonl and eval.jsonl",
+        },
+    )
 
 
 if __name__ == "__main__":

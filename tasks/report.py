@@ -66,19 +66,28 @@ def run(params: Params, args: argparse.Namespace) -> None:
     print(table(scores, notes))
     failed = [name for name, note in notes.items() if "FAILED-QUALITY" in note]
     if failed:
-        print(f"\nWARNING: the collapse guard marked {', '.join(failed)} as failed-quality; see metrics/dpo_<round>.json")
+        print(
+            f"\nWARNING: the collapse guard marked {', '.join(failed)} as failed-quality; see metrics/dpo_<round>.json"
+        )
     refused = [name for name, note in notes.items() if note.startswith("kept")]
     if refused:
         print(f"\nThe promotion gate refused {', '.join(refused)}; reasons in metrics/eval/<round>.json")
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={
-        "--evals": "folder of per-model evaluations",
-        "--metrics": "folder of the rounds' metrics",
-        "--out": "metrics/eval.json: {model: {metric: value}}",
-    }, add_arguments=lambda parser: parser.add_argument(
-        "--print-only", action="store_true", help="print the table of --out without rebuilding it"))
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        paths={
+            "--evals": "folder of per-model evaluations",
+            "--metrics": "folder of the rounds' metrics",
+            "--out": "metrics/eval.json: {model: {metric: value}}",
+        },
+        add_arguments=lambda parser: parser.add_argument(
+            "--print-only", action="store_true", help="print the table of --out without rebuilding it"
+        ),
+    )
 
 
 if __name__ == "__main__":

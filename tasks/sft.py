@@ -23,8 +23,17 @@ def losses(history: list[dict], key: str = "loss") -> list[float]:
     return [row[key] for row in history if key in row]
 
 
-def train_sft(params: Params, base: Path, train: Path, heldout: Path, out: Path, checkpoints: Path,
-              logs: Path | None, plots: Path, metrics: Path) -> dict:
+def train_sft(
+    params: Params,
+    base: Path,
+    train: Path,
+    heldout: Path,
+    out: Path,
+    checkpoints: Path,
+    logs: Path | None,
+    plots: Path,
+    metrics: Path,
+) -> dict:
     """Fine-tune the base on `train`, evaluate on `heldout`, save the policy to `out`."""
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
@@ -77,22 +86,31 @@ def train_sft(params: Params, base: Path, train: Path, heldout: Path, out: Path,
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
-    summary = train_sft(params, args.base, args.train, args.heldout, args.out, args.checkpoints,
-                        args.logs, args.plots, args.metrics)
-    print(f"sft: loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} "
-          f"in {summary['steps']} steps, held-out loss {summary['eval_loss']:.3f}")
+    summary = train_sft(
+        params, args.base, args.train, args.heldout, args.out, args.checkpoints, args.logs, args.plots, args.metrics
+    )
+    print(
+        f"sft: loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} "
+        f"in {summary['steps']} steps, held-out loss {summary['eval_loss']:.3f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, run, argv, paths={
-        "--base": "the base folder",
-        "--train": "SFT training rows (JSON lines)",
-        "--heldout": "held-out SFT rows (JSON lines)",
-        "--out": "the trained policy folder",
-        "--checkpoints": "resumable trainer checkpoints",
-        "--plots": "per-step losses (DVC plots file)",
-        "--metrics": "the stage's metrics",
-    }, optional_paths={"--logs": "TensorBoard folder"})
+    stage_main(
+        __doc__,
+        run,
+        argv,
+        paths={
+            "--base": "the base folder",
+            "--train": "SFT training rows (JSON lines)",
+            "--heldout": "held-out SFT rows (JSON lines)",
+            "--out": "the trained policy folder",
+            "--checkpoints": "resumable trainer checkpoints",
+            "--plots": "per-step losses (DVC plots file)",
+            "--metrics": "the stage's metrics",
+        },
+        optional_paths={"--logs": "TensorBoard folder"},
+    )
 
 
 if __name__ == "__main__":

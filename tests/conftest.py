@@ -13,7 +13,16 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("tasks", "flows", "data/builtin", "data/incoming", "data/generate.py", "dvc.yaml", "params.yaml", "prefect.toml")
+COPIED = (
+    "tasks",
+    "flows",
+    "data/builtin",
+    "data/incoming",
+    "data/generate.py",
+    "dvc.yaml",
+    "params.yaml",
+    "prefect.toml",
+)
 
 # Before Prefect is imported anywhere: no telemetry, and Prefect's files in a temporary folder, not the project's.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -25,12 +34,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DVC_SITE_CACHE_DIR": str(cwd / ".dvc" / "site_cache"), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "DVC_SITE_CACHE_DIR": str(cwd / ".dvc" / "site_cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+    }
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 

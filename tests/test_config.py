@@ -30,16 +30,25 @@ def test_shipped_params_are_valid():
     ("edit", "expected"),
     [
         (lambda p: p["dpo"]["loss"].update(beta=0), "dpo.loss.beta: Input should be greater than 0"),
-        (lambda p: p["dpo"]["train"].update(learning_rate=-1e-4), "dpo.train.learning_rate: Input should be greater than 0"),
+        (
+            lambda p: p["dpo"]["train"].update(learning_rate=-1e-4),
+            "dpo.train.learning_rate: Input should be greater than 0",
+        ),
         (lambda p: p["sft"]["lora"].update(r=0), "sft.lora.r: Input should be greater than or equal to 1"),
         (lambda p: p["dpo"].update(rounds={}), "dpo.rounds: Dictionary should have at least 1 item"),
         (lambda p: p["dpo"]["loss"].update(types=["sigmoid", "kto"]), "dpo.loss.types.1: Input should be 'sigmoid'"),
         (lambda p: p["dpo"].update(betaa=0.1), "dpo.betaa: unknown key"),
-        (lambda p: p["sft"]["train"].update(batch_size="eight"), "sft.train.batch_size: Input should be a valid integer"),
+        (
+            lambda p: p["sft"]["train"].update(batch_size="eight"),
+            "sft.train.batch_size: Input should be a valid integer",
+        ),
         (lambda p: p["dpo"]["rounds"]["r2"].update(previous="sft"), "round r2: previous must be 'r1'"),
         (lambda p: p["dpo"]["loss"].update(weights=[1.0, 0.5, 0.1]), "weights has 3 entries but types has 2"),
         (lambda p: p["onpolicy"]["judge"].update(kind="reward_model"), "kind reward_model needs reward_model"),
-        (lambda p: p["onpolicy"]["generate"].update(samples_per_prompt=1), "onpolicy.generate.samples_per_prompt: Input should be greater than or equal to 2"),
+        (
+            lambda p: p["onpolicy"]["generate"].update(samples_per_prompt=1),
+            "onpolicy.generate.samples_per_prompt: Input should be greater than or equal to 2",
+        ),
     ],
 )
 def test_bad_param_names_key_and_line(tmp_path, edit, expected):
@@ -63,9 +72,22 @@ def test_invalid_params_stop_a_stage_before_it_writes(tmp_path):
 
     path = write_params(tmp_path, lambda p: p["dpo"]["loss"].update(beta=-1))
     out = tmp_path / "base"
-    result = subprocess.run([sys.executable, "-m", "tasks.base", "--params", str(path), "--corpus",
-                             str(ROOT / "data/builtin/sft.jsonl"), "--out", str(out)], capture_output=True, text=True,
-                            cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tasks.base",
+            "--params",
+            str(path),
+            "--corpus",
+            str(ROOT / "data/builtin/sft.jsonl"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode != 0 and "dpo.loss.beta" in result.stderr
     assert not out.exists()
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.dpo import distinct_trigram_ratio, guard_verdict, train_round
 from tasks.lib.params import load_params
 from tasks.lib.schema import GuardParams
-from tasks.dpo import distinct_trigram_ratio, guard_verdict, train_round
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +29,15 @@ def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
 
     raw = tmp_path / "zh.jsonl"
     raw.write_text("".join(json.dumps(chinese_pair(i), ensure_ascii=False) + "\n" for i in range(12)), encoding="utf-8")
-    params = load_params(ROOT / "params.yaml", {"dpo.train.max_steps": 3, "dpo.train.batch_size": 4,
-                                                "dpo.guard.sanity_prompts": 2, "dpo.train.logging_steps": 1})
+    params = load_params(
+        ROOT / "params.yaml",
+        {
+            "dpo.train.max_steps": 3,
+            "dpo.train.batch_size": 4,
+            "dpo.guard.sanity_prompts": 2,
+            "dpo.train.logging_steps": 1,
+        },
+    )
     base = tmp_path / "base"
     build_base(params.model, raw, base)
     prepared = tmp_path / "pairs.jsonl"
@@ -38,10 +45,21 @@ def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
     report = build_pairs(params, tmp_path / "no_responses.jsonl", raw, base, prepared, tmp_path / "report.json")
     assert report["pairs"] == report["human_pairs"] == 12 and report["dropped"] == 0
     compute_reference_logps(params, base, prepared, prepared, tmp_path / "reflogps")
-    stored = [json.loads(line) for line in (tmp_path / "reflogps" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    stored = [
+        json.loads(line) for line in (tmp_path / "reflogps" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert stored[0]["chosen"][0]["content"] == "等于 0。很高兴帮忙 🙂" and stored[0]["ref_chosen_logps"] < 0
-    summary = train_round(params, "r1", base, tmp_path / "reflogps", tmp_path / "policy", tmp_path / "ckpt", None,
-                          tmp_path / "plots.json", tmp_path / "metrics.json")
+    summary = train_round(
+        params,
+        "r1",
+        base,
+        tmp_path / "reflogps",
+        tmp_path / "policy",
+        tmp_path / "ckpt",
+        None,
+        tmp_path / "plots.json",
+        tmp_path / "metrics.json",
+    )
     assert summary["steps"] == 3
     assert (tmp_path / "policy" / "model.safetensors").exists() and (tmp_path / "policy" / "adapter").is_dir()
     assert json.loads((tmp_path / "metrics.json").read_text())["round"] == "r1"

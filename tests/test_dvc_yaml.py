@@ -53,8 +53,9 @@ def transitive_imports(start: set[Path]) -> set[Path]:
 
 def stage_commands() -> dict[str, tuple[str, list[str]]]:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    return {name: ((stage.get("do") or stage)["cmd"], (stage.get("do") or stage)["deps"]) for name, stage in
-            stages.items()}
+    return {
+        name: ((stage.get("do") or stage)["cmd"], (stage.get("do") or stage)["deps"]) for name, stage in stages.items()
+    }
 
 
 def code_needed(cmd: str, deps: list[str]) -> set[Path]:
@@ -76,8 +77,11 @@ def covered(path: Path, deps: list[str]) -> bool:
 @pytest.mark.parametrize("stage", sorted(stage_commands()))
 def test_stage_depends_on_every_project_module_it_imports(stage):
     cmd, deps = stage_commands()[stage]
-    missing = sorted(path.relative_to(ROOT).as_posix() for path in code_needed(cmd, deps)
-                     if path.name != "__init__.py" and not covered(path, deps))
+    missing = sorted(
+        path.relative_to(ROOT).as_posix()
+        for path in code_needed(cmd, deps)
+        if path.name != "__init__.py" and not covered(path, deps)
+    )
     assert not missing, f"dvc.yaml stage {stage} imports but does not depend on: {', '.join(missing)}"
 
 

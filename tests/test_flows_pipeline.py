@@ -47,8 +47,11 @@ def latest_artifact(key: str):
 
     async def read():
         async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                                sort=ArtifactSort.CREATED_DESC, limit=1)
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                sort=ArtifactSort.CREATED_DESC,
+                limit=1,
+            )
             return found[0]
 
     return asyncio.run(read())
@@ -95,8 +98,13 @@ def test_override_reruns_what_dvc_says_then_restores_from_run_cache(flow_project
     assert "`eval.batch_size`: 16 → 8" in latest_artifact("run-report").data
 
     experiment = state.result()["experiment"]
-    recorded = subprocess.run(["git", "show", f"{experiment_commit(project, experiment)}:params.yaml"], cwd=project,
-                              capture_output=True, text=True, check=True).stdout
+    recorded = subprocess.run(
+        ["git", "show", f"{experiment_commit(project, experiment)}:params.yaml"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert yaml.safe_load(recorded)["eval"]["batch_size"] == 8
 
     back = run_flow(project)
@@ -106,8 +114,13 @@ def test_override_reruns_what_dvc_says_then_restores_from_run_cache(flow_project
 
 
 def experiment_commit(project, name: str) -> str:
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"], cwd=project,
-                          capture_output=True, text=True, check=True).stdout.splitlines()
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     return next(line.split()[0] for line in refs if line.endswith("/" + name))
 
 
@@ -135,7 +148,10 @@ def test_failing_stage_fails_the_flow_with_its_message_and_rerun_resumes_there(f
     # data/incoming is one dependency of every round's prompts stage: prompts@r1 re-runs too, to the same output,
     # so nothing downstream of it in round 1 does.
     assert active <= {"prompts@r1"} | {name for name in outcomes if name.endswith("@r2")} | {
-        "merge", "eval_merged", "report"}
+        "merge",
+        "eval_merged",
+        "report",
+    }
     assert not active & {"base", "prepare", "sft", "reference", "generate@r1", "pairs@r1", "dpo@r1", "eval_sft"}
 
 
@@ -155,10 +171,22 @@ def test_next_round_appends_a_round_and_runs_its_onpolicy_chain_only(flow_projec
     state = run_flow(project, next_round=True)
     assert state.is_completed(), state.message
     active = {name for name, outcome in state.result()["stages"].items() if outcome != SKIPPED}
-    chain = {f"{stage}@r3" for stage in ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval",
-                                          "gate", "lineage")}
+    chain = {
+        f"{stage}@r3"
+        for stage in ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval", "gate", "lineage")
+    }
     assert chain | {"merge", "eval_merged"} <= active
-    assert not active & {"base", "prepare", "sft", "reference", "generate@r2", "dpo@r1", "dpo@r2", "eval_sft", "eval@r1"}
+    assert not active & {
+        "base",
+        "prepare",
+        "sft",
+        "reference",
+        "generate@r2",
+        "dpo@r1",
+        "dpo@r2",
+        "eval_sft",
+        "eval@r1",
+    }
     rounds = yaml.safe_load((project / "params.yaml").read_text())["dpo"]["rounds"]
     assert rounds["r3"] == {"previous": "r2", "reference": "sft"}
     assert (project / "metrics" / "rounds" / "r3" / "lineage.json").exists()

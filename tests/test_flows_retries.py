@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run
+
 from flows.dvc_project import RAN, SKIPPED
 from flows.pipeline import sft_dpo
 from flows.reports import changed_params, eval_summary_rows, guard_warnings
@@ -65,16 +65,27 @@ def test_experiment_needs_no_configured_git_identity(harness, shell_project, mon
     monkeypatch.setenv("HOME", str(shell_project))  # no ~/.gitconfig
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(shell_project))
-    result = sft_dpo(project=str(shell_project), overrides={"orchestration.retries": 1,
-                                                            "orchestration.retry_delay_seconds": 0})
-    author = subprocess.run(["git", "log", "-1", "--format=%an", f"refs/exps/{experiment_ref(shell_project)}"],
-                            cwd=shell_project, capture_output=True, text=True, check=True).stdout.strip()
+    result = sft_dpo(
+        project=str(shell_project), overrides={"orchestration.retries": 1, "orchestration.retry_delay_seconds": 0}
+    )
+    author = subprocess.run(
+        ["git", "log", "-1", "--format=%an", f"refs/exps/{experiment_ref(shell_project)}"],
+        cwd=shell_project,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert result["experiment"] and author == "sft-dpo flow"
 
 
 def experiment_ref(project) -> str:
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname:lstrip=2)", "refs/exps/"], cwd=project,
-                          capture_output=True, text=True, check=True).stdout.split()
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname:lstrip=2)", "refs/exps/"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return next(ref for ref in refs if not ref.startswith("exec/"))
 
 

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -35,8 +34,12 @@ def served(flow_project, tmp_path_factory):
     project, _ = flow_project
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_PORT": str(port)}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_PORT": str(port),
+    }
     command = [sys.executable, "-m", "flows.serve", "--port", str(port), "--home", str(home), "--project", str(project)]
     subprocess.run(command + ["--detach"], cwd=project, env=env, check=True, timeout=180)
     pids = {name: int((home / f"{name}.pid").read_text()) for name in ("serve", "server")}
@@ -45,8 +48,14 @@ def served(flow_project, tmp_path_factory):
 
 
 def prefect(env, project, *arguments, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prefect", *arguments], cwd=project, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "prefect", *arguments],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_deployment_run_watch_completes_and_publishes_eval_summary(served):
@@ -100,15 +109,17 @@ def test_stop_leaves_no_process_behind(served):
 
 
 def test_next_round_schedule_comes_from_params(tmp_path):
-    from flows.serve import _deployments
     from flows.params_file import write_params
+    from flows.serve import _deployments
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     pipeline, next_round, _ = _deployments(tmp_path)
     assert pipeline.schedules == [] and next_round.schedules == [] and next_round.parameters == {"next_round": True}
 
-    write_params(tmp_path / "params.yaml", {"orchestration.next_round.cron": "0 3 * * *",
-                                            "orchestration.next_round.timezone": "Europe/Paris"})
+    write_params(
+        tmp_path / "params.yaml",
+        {"orchestration.next_round.cron": "0 3 * * *", "orchestration.next_round.timezone": "Europe/Paris"},
+    )
     _, next_round, _ = _deployments(tmp_path)
     schedule = next_round.schedules[0].schedule
     assert (schedule.cron, schedule.timezone) == ("0 3 * * *", "Europe/Paris")

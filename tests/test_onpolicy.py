@@ -7,7 +7,6 @@ round killed mid-generation resumes, and an appended round re-runs only itself a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -19,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_project, micro, read_json, run
+
+from tasks.lib.errors import DataError
 from tasks.lib.files import load_records, write_records
 from tasks.lib.params import load_params
-from tasks.lib.errors import DataError
 from tasks.lib.schema import JudgeParams, PairParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,11 +70,18 @@ def test_best_worst_pairs_pick_the_extremes_and_drop_ties_and_degenerate_prompts
     assert prompt_pairs([1.0, 1.0, 1.1], ["a", "b", "c"], settings) == ([], "tie")
     assert prompt_pairs([1.5, 0.0], ["same", "same"], settings) == ([], "degenerate")
     assert prompt_pairs([1.5, 0.0], ["", "x"], settings) == ([], "degenerate")
-    rows = [{"prompt": QUESTION, "responses": ["good", "bad"], "scores": [1.5, 0.0]},
-            {"prompt": QUESTION, "responses": ["x", "y"], "scores": [1.0, 1.0]}]
+    rows = [
+        {"prompt": QUESTION, "responses": ["good", "bad"], "scores": [1.5, 0.0]},
+        {"prompt": QUESTION, "responses": ["x", "y"], "scores": [1.0, 1.0]},
+    ]
     pairs, stats = judged_pairs(rows, settings)
-    assert pairs == [{"prompt": QUESTION, "chosen": [{"role": "assistant", "content": "good"}],
-                      "rejected": [{"role": "assistant", "content": "bad"}]}]
+    assert pairs == [
+        {
+            "prompt": QUESTION,
+            "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}],
+        }
+    ]
     assert stats == {"prompts": 2, "ties_dropped": 1, "degenerate_dropped": 0, "mean_score_gap": 1.5}
 
 
@@ -88,14 +94,18 @@ def test_margin_pairs_keep_every_wide_enough_gap_widest_first():
 
 
 def test_gate_names_every_regression_beyond_its_tolerance():
-    from tasks.lib.schema import GateParams
     from tasks.gate import refusals
+    from tasks.lib.schema import GateParams
 
     gate = GateParams(max_task_accuracy_drop=0.05, max_perplexity_rise=0.5, require_guard_ok=True)
     baseline = {"task_accuracy": 0.60, "perplexity": 100.0}
     assert refusals(gate, {"task_accuracy": 0.56, "perplexity": 149.0}, baseline, {"quality": "ok"}) == []
-    reasons = refusals(gate, {"task_accuracy": 0.50, "perplexity": 151.0}, baseline,
-                       {"quality": "failed-quality", "guard_reasons": ["sanity"]})
+    reasons = refusals(
+        gate,
+        {"task_accuracy": 0.50, "perplexity": 151.0},
+        baseline,
+        {"quality": "failed-quality", "guard_reasons": ["sanity"]},
+    )
     assert len(reasons) == 3 and "task_accuracy fell 0.6000 -> 0.5000" in reasons[0] and "+51.0%" in reasons[1]
 
 
@@ -132,9 +142,16 @@ def tiny_reward_model(policy: Path, out: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=64, num_labels=1,
-                         pad_token_id=2)  # deliberately not the tokenizer's pad (0): the judge must align them
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        num_labels=1,
+        pad_token_id=2,
+    )  # deliberately not the tokenizer's pad (0): the judge must align them
     LlamaForSequenceClassification(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -150,8 +167,10 @@ def test_reward_model_judge_scores_with_a_local_sequence_classifier(pipeline, tm
     reward_model = tiny_reward_model(policy, tmp_path / "rm")
     generations = tmp_path / "generations.jsonl"
     write_records(generations, load_records(pipeline / "data" / "rounds" / "r1" / "generations.jsonl")[:3])
-    params = load_params(pipeline / "params.yaml", {"onpolicy.judge.kind": "reward_model",
-                                                    "onpolicy.judge.reward_model": str(reward_model)})
+    params = load_params(
+        pipeline / "params.yaml",
+        {"onpolicy.judge.kind": "reward_model", "onpolicy.judge.reward_model": str(reward_model)},
+    )
     summary = judge_round(params, generations, policy, tmp_path / "scored.jsonl", tmp_path / "judge.json")
     assert summary["judge"]["kind"] == "reward_model" and len(summary["judge"]["sha256"]) == 64
     scored = load_records(tmp_path / "scored.jsonl")
@@ -159,8 +178,9 @@ def test_reward_model_judge_scores_with_a_local_sequence_classifier(pipeline, tm
 
     row = scored[0]
     tokenizer = AutoTokenizer.from_pretrained(reward_model)
-    text = tokenizer.apply_chat_template(row["prompt"] + [{"role": "assistant", "content": row["responses"][0]}],
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        row["prompt"] + [{"role": "assistant", "content": row["responses"][0]}], tokenize=False
+    )
     with torch.no_grad():
         model = AutoModelForSequenceClassification.from_pretrained(reward_model)
         direct = model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
@@ -206,10 +226,19 @@ def test_round_killed_mid_generation_resumes_under_dvc_repro(regressed, tmp_path
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     batches = project / "checkpoints" / "generate_r1"
     shutil.rmtree(batches)  # the previous seed's batches; the stage would discard them anyway
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "DVC_SITE_CACHE_DIR": str(project / ".dvc" / "site_cache")}
-    repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "DVC_SITE_CACHE_DIR": str(project / ".dvc" / "site_cache"),
+    }
+    repro = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=project,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while len(list(batches.glob("0*.jsonl"))) < 3 and time.monotonic() < deadline and repro.poll() is None:
         time.sleep(0.1)
@@ -226,8 +255,14 @@ def test_round_killed_mid_generation_resumes_under_dvc_repro(regressed, tmp_path
     assert summary["resumed_batches"] >= finished_before_kill and "batches resumed" in log
 
     fresh = load_params(project / "params.yaml")
-    generate_round(fresh, project / "models" / "policies" / "sft", project / "data" / "rounds" / "r1" / "prompts.jsonl",
-                   tmp_path / "uninterrupted.jsonl", tmp_path / "ckpt", tmp_path / "m.json")
+    generate_round(
+        fresh,
+        project / "models" / "policies" / "sft",
+        project / "data" / "rounds" / "r1" / "prompts.jsonl",
+        tmp_path / "uninterrupted.jsonl",
+        tmp_path / "ckpt",
+        tmp_path / "m.json",
+    )
     resumed = project / "data" / "rounds" / "r1" / "generations.jsonl"
     assert resumed.read_text() == (tmp_path / "uninterrupted.jsonl").read_text()
 
@@ -240,8 +275,10 @@ def test_adding_round_three_reruns_only_round_three_and_what_follows(regressed):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = run([sys.executable, "-m", "dvc", "repro"], project).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", log))
-    chain = {f"{stage}@r3" for stage in ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval",
-                                          "gate", "lineage")}
+    chain = {
+        f"{stage}@r3"
+        for stage in ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval", "gate", "lineage")
+    }
     assert chain <= ran <= chain | {"merge", "eval_merged", "report"}
     prompts = read_json(project / "metrics" / "rounds" / "r3" / "prompts.json")
     assert prompts["pool_exhausted"] and prompts["reused_prompts"] == 160 and "prompt pool is exhausted" in log

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import read_json, run
 
 
@@ -19,8 +18,11 @@ def stages_run(log: str) -> set[str]:
 
 def test_every_stage_ran(pipeline):
     ran = stages_run((pipeline / "first_repro.log").read_text())
-    rounds = {f"{stage}@{name}" for name in ("r1", "r2") for stage in
-              ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval", "gate", "lineage")}
+    rounds = {
+        f"{stage}@{name}"
+        for name in ("r1", "r2")
+        for stage in ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval", "gate", "lineage")
+    }
     assert {"base", "prepare", "sft", "reference", "eval_sft", "merge", "eval_merged", "report"} | rounds == ran
 
 
@@ -49,11 +51,14 @@ def test_onpolicy_dpo_raises_heldout_preference_accuracy_without_collapse(pipeli
 
 
 def test_round_pairs_come_from_the_policys_own_judged_samples(pipeline):
-    generations = [json.loads(line) for line in (pipeline / "data/rounds/r1/generations.jsonl").read_text().splitlines()]
+    generations = [
+        json.loads(line) for line in (pipeline / "data/rounds/r1/generations.jsonl").read_text().splitlines()
+    ]
     responses = {text for row in generations for text in row["responses"]}
     pairs = [json.loads(line) for line in (pipeline / "data/prepared/pairs/r1.jsonl").read_text().splitlines()]
-    assert pairs and all(p["chosen"][0]["content"] in responses and p["rejected"][0]["content"] in responses
-                         for p in pairs)
+    assert pairs and all(
+        p["chosen"][0]["content"] in responses and p["rejected"][0]["content"] in responses for p in pairs
+    )
     report = read_json(pipeline / "metrics" / "rounds" / "r1" / "pairs.json")
     assert report["pairs"] == len(pairs) == report["prompts"] - report["ties_dropped"] - report["degenerate_dropped"]
 
@@ -65,7 +70,9 @@ def test_lineage_ties_each_round_together_by_content_hash(pipeline):
     assert lineage["prompts"]["sha256"] == file_digest(pipeline / "data/rounds/r1/prompts.jsonl")
     assert lineage["pairs"]["sha256"] == file_digest(pipeline / "data/prepared/pairs/r1.jsonl")
     assert lineage["checkpoint"]["sha256"] == directory_digest(pipeline / "models/candidates/r1")
-    assert lineage["scores"]["judge"]["kind"] == "rule" and lineage["generations"]["sampling"]["samples_per_prompt"] == 8
+    assert (
+        lineage["scores"]["judge"]["kind"] == "rule" and lineage["generations"]["sampling"]["samples_per_prompt"] == 8
+    )
     assert {"chosen_tokens_mean", "rejected_tokens_mean", "mean_score_gap"} <= set(lineage["pairs"])
     assert lineage["gate"]["promoted"] == read_json(pipeline / "metrics" / "eval" / "r1.json")["promoted"]
 
@@ -100,7 +107,10 @@ def test_stored_reference_logps_equal_a_direct_computation(pipeline):
     reference = pipeline / "models" / "policies" / "sft"
     model = AutoModelForCausalLM.from_pretrained(reference)
     tokenizer = AutoTokenizer.from_pretrained(reference)
-    rows = [yaml.safe_load(line) for line in (pipeline / "models/reference_logps/r1/train.jsonl").read_text().splitlines()[:5]]
+    rows = [
+        yaml.safe_load(line)
+        for line in (pipeline / "models/reference_logps/r1/train.jsonl").read_text().splitlines()[:5]
+    ]
     for row in rows:
         for side in ("chosen", "rejected"):
             prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
@@ -123,5 +133,16 @@ def test_second_repro_runs_nothing_and_beta_change_reruns_only_dpo_onwards(pipel
     (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = stages_run(run([sys.executable, "-m", "dvc", "repro"], pipeline).stdout)
     assert {"dpo@r1", "eval@r1", "gate@r1", "dpo@r2", "eval@r2", "merge", "eval_merged", "report"} <= third
-    assert not third & {"base", "prepare", "sft", "reference", "eval_sft", "prompts@r1", "generate@r1", "judge@r1",
-                        "pairs@r1", "reference_logps@r1", "prompts@r2"}
+    assert not third & {
+        "base",
+        "prepare",
+        "sft",
+        "reference",
+        "eval_sft",
+        "prompts@r1",
+        "generate@r1",
+        "judge@r1",
+        "pairs@r1",
+        "reference_logps@r1",
+        "prompts@r2",
+    }

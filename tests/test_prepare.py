@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lib.params import load_params
 from tasks.lib.errors import DataError
+from tasks.lib.params import load_params
 from tasks.lib.records import read_records
 from tasks.pairs import build_pairs
 from tasks.prepare import prepare
@@ -17,8 +17,11 @@ from tasks.prompts import draw_prompts, incoming_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_PAIR = {"prompt": "2+2?", "chosen": " 4", "rejected": " 5"}
-CHAT_PAIR = {"prompt": [{"role": "user", "content": "你好吗？"}], "chosen": [{"role": "assistant", "content": "很好 🙂"}],
-             "rejected": [{"role": "assistant", "content": "不好"}]}
+CHAT_PAIR = {
+    "prompt": [{"role": "user", "content": "你好吗？"}],
+    "chosen": [{"role": "assistant", "content": "很好 🙂"}],
+    "rejected": [{"role": "assistant", "content": "不好"}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +68,34 @@ def human_pairs_report(params, pairs: Path, base: Path, tmp_path: Path) -> dict:
 
 
 def test_bad_sft_lines_fail_prepare_with_every_line_listed(tmp_path, base):
-    sft = write_lines(tmp_path / "sft.jsonl", [
-        json.dumps({"prompt": "a", "completion": "b"}),
-        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
-        json.dumps({"prompt": "a"}),
-    ])
+    sft = write_lines(
+        tmp_path / "sft.jsonl",
+        [
+            json.dumps({"prompt": "a", "completion": "b"}),
+            json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+            json.dumps({"prompt": "a"}),
+        ],
+    )
     out = tmp_path / "prepared"
     with pytest.raises(DataError) as error:
-        prepare(load_params(ROOT / "params.yaml"), sft, ROOT / "data/builtin/eval_pairs.jsonl", base, out,
-                tmp_path / "report.json")
+        prepare(
+            load_params(ROOT / "params.yaml"),
+            sft,
+            ROOT / "data/builtin/eval_pairs.jsonl",
+            base,
+            out,
+            tmp_path / "report.json",
+        )
     assert f"{sft}:2: 'messages' has no assistant message" in str(error.value)
     assert f"{sft}:3: missing field 'completion'" in str(error.value)
     assert not out.exists()
 
 
 def test_drop_policy_drops_within_budget_and_reports_why(tmp_path, base):
-    rows = [json.dumps({**GOOD_PAIR, "prompt": f"{i} plus {i}?"}) for i in range(30)] + ["oops", json.dumps(GOOD_PAIR) * 1]
+    rows = [json.dumps({**GOOD_PAIR, "prompt": f"{i} plus {i}?"}) for i in range(30)] + [
+        "oops",
+        json.dumps(GOOD_PAIR) * 1,
+    ]
     rows.append(json.dumps(GOOD_PAIR))  # a duplicate
     pairs = write_lines(tmp_path / "pairs.jsonl", rows)
     params = load_params(ROOT / "params.yaml", {"data.on_bad_lines": "drop", "data.max_bad_fraction": 0.1})

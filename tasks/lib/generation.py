@@ -57,7 +57,9 @@ class TransformersBackend:
         import torch
 
         torch.manual_seed(seed)
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            self.model.device
+        )
         with torch.no_grad():
             output = self.model.generate(
                 **batch,

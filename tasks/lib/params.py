@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from tasks.lib.schema import Params, RoundParams, Section
 
+
 class ParamsError(ValueError):
     """params.yaml (or an override) is invalid; the message names the key and what is allowed."""
 
@@ -64,8 +65,9 @@ def _suggestion(key: str) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _describe(error: ValidationError, source: str, lines: dict[tuple[str, ...], int],
-              overridden: tuple[str, ...] = ()) -> str:
+def _describe(
+    error: ValidationError, source: str, lines: dict[tuple[str, ...], int], overridden: tuple[str, ...] = ()
+) -> str:
     messages = []
     for item in error.errors():
         path = tuple(str(part) for part in item["loc"])
@@ -99,8 +101,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return result
 
 
-def validate(raw: Any, source: str = "params.yaml", text: str | None = None,
-             overridden: tuple[str, ...] = ()) -> Params:
+def validate(
+    raw: Any, source: str = "params.yaml", text: str | None = None, overridden: tuple[str, ...] = ()
+) -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:

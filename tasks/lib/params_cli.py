@@ -1,7 +1,7 @@
 """params.yaml from the command line: validate a file, or print README's params reference generated from the schema.
 
-    python -m tasks.lib.params_cli --params params.yaml     # validate
-    python -m tasks.lib.params_cli --markdown               # the reference table (`make params-reference`)
+python -m tasks.lib.params_cli --params params.yaml     # validate
+python -m tasks.lib.params_cli --markdown               # the reference table (`make params-reference`)
 """
 
 from __future__ import annotations
@@ -19,17 +19,19 @@ def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
+        # A docstring may wrap over several source lines; a table row is one line.
+        meaning = " ".join(field.description.split()) if field.description else None
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, Section):
-            rows.append(f"| `{key}` | section | {field.description} |")
+            rows.append(f"| `{key}` | section | {meaning} |")
             rows.extend(_field_rows(annotation, key + "."))
             continue
         if name == "rounds":
-            rows.append(f"| `{key}` | mapping | {field.description} |")
+            rows.append(f"| `{key}` | mapping | {meaning} |")
             rows.extend(_field_rows(RoundParams, key + ".<name>."))
             continue
         default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)}`"
-        rows.append(f"| `{key}` | {default} | {field.description} |")
+        rows.append(f"| `{key}` | {default} | {meaning} |")
     return rows
 
 

@@ -185,7 +185,9 @@ def token_length_report(rows: list[dict[str, Any]], tokenizer, max_length: int) 
     lengths = []
     truncated = 0
     for row in rows:
-        row_lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in row_texts(row, tokenizer)]
+        row_lengths = [
+            len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in row_texts(row, tokenizer)
+        ]
         lengths.extend(row_lengths)
         truncated += max(row_lengths) > max_length
     ordered = sorted(lengths)

@@ -33,7 +33,8 @@ class DataParams(Section):
     sft: str = "data/builtin/sft.jsonl"
     """SFT data (JSON lines): `{"prompt","completion"}` strings or `{"messages": [...]}` conversations."""
     eval_pairs: str = "data/builtin/eval_pairs.jsonl"
-    """Held-out preference pairs `{"prompt","chosen","rejected"}` (strings or message lists) used only for evaluation."""
+    """Held-out preference pairs `{"prompt","chosen","rejected"}` (strings or message lists) used only for
+    evaluation."""
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     """Fraction of SFT rows held out (SFT eval loss and held-out perplexity)."""
     on_bad_lines: Literal["fail", "drop"] = "fail"
@@ -63,7 +64,7 @@ class BuiltinModelParams(Section):
     """Seed of the built-in model's random initialisation."""
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "BuiltinModelParams":
+    def _heads_divide(self) -> BuiltinModelParams:
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
         return self
@@ -71,7 +72,8 @@ class BuiltinModelParams(Section):
 
 class ModelParams(Section):
     base: str = BUILTIN
-    """`builtin` (a small Llama and tokenizer built locally, no download), a hub id such as `Qwen/Qwen3-4B`, or a local model folder."""
+    """`builtin` (a small Llama and tokenizer built locally, no download), a hub id such as `Qwen/Qwen3-4B`, or a
+    local model folder."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `base`; ignored for `builtin` and local folders."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -96,7 +98,8 @@ class LoraParams(Section):
     dropout: Fraction = 0.0
     """Dropout on the LoRA input."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    """Module names to adapt (e.g. `[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]`) or `all-linear`."""
+    """Module names to adapt (e.g. `[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]`) or
+    `all-linear`."""
 
 
 class TrainingParams(Section):
@@ -148,7 +151,8 @@ class ReferenceParams(Section):
 
 class LossParams(Section):
     types: list[LossType] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
-    """DPO loss terms (TRL `loss_type`); e.g. `[sigmoid]`, `[ipo]`, `[sigmoid, sft]` (DPO + an SFT term against forgetting)."""
+    """DPO loss terms (TRL `loss_type`); e.g. `[sigmoid]`, `[ipo]`, `[sigmoid, sft]` (DPO + an SFT term against
+    forgetting)."""
     weights: list[float] | None = None
     """Weight of each loss term, same length as `types` (None: all 1.0)."""
     beta: float = Field(0.1, gt=0)
@@ -157,7 +161,7 @@ class LossParams(Section):
     """Assumed fraction of flipped preference labels (cDPO / robust DPO)."""
 
     @model_validator(mode="after")
-    def _one_weight_per_type(self) -> "LossParams":
+    def _one_weight_per_type(self) -> LossParams:
         if self.weights is not None and len(self.weights) != len(self.types):
             raise ValueError(f"weights has {len(self.weights)} entries but types has {len(self.types)}")
         return self
@@ -187,7 +191,8 @@ class GuardParams(Section):
 
 class GateParams(Section):
     max_task_accuracy_drop: float = Field(0.0, ge=0)
-    """Largest fall of task accuracy (absolute) versus the policy the round started from that still promotes the round."""
+    """Largest fall of task accuracy (absolute) versus the policy the round started from that still promotes the
+    round."""
     max_perplexity_rise: float = Field(1.0, ge=0)
     """Largest relative rise of held-out perplexity (1.0 = may double) that still promotes the round."""
     require_guard_ok: bool = True
@@ -196,7 +201,8 @@ class GateParams(Section):
 
 class RoundParams(Section):
     previous: str
-    """Policy this round starts from: `sft` for the first round, else the preceding round's name (its last promoted policy)."""
+    """Policy this round starts from: `sft` for the first round, else the preceding round's name (its last promoted
+    policy)."""
     reference: str = SFT_POLICY
     """Reference policy of the round: `sft` (the frozen SFT snapshot) or the same name as `previous`."""
 
@@ -220,7 +226,7 @@ class DPOParams(Section):
     """Rounds in training order, keyed by name (`r1`, `r2`, ...). Adding one re-runs only it and what follows."""
 
     @model_validator(mode="after")
-    def _rounds_chain(self) -> "DPOParams":
+    def _rounds_chain(self) -> DPOParams:
         previous = SFT_POLICY
         for name, spec in self.rounds.items():
             if name in RESERVED_ROUND_NAMES or not name.isidentifier():
@@ -241,7 +247,8 @@ class PromptParams(Section):
     pool: str = "data/builtin/prompts.jsonl"
     """Prompt pool (JSON lines `{"prompt": ...}`, a string or a message list) the rounds draw fresh prompts from."""
     per_round: int = Field(128, ge=0)
-    """Prompts drawn for each round; no prompt is reused across rounds until the pool is exhausted (then reuse is reported)."""
+    """Prompts drawn for each round; no prompt is reused across rounds until the pool is exhausted (then reuse is
+    reported)."""
     seed: int = 0
     """Seed of the pool's shuffle (every round takes the next slice of the same shuffle)."""
 
@@ -265,24 +272,27 @@ class GenerateParams(Section):
 
 class JudgeParams(Section):
     kind: Literal["rule", "reward_model", "function"] = "rule"
-    """`rule`: the built-in task's verifier; `reward_model`: a sequence-classification model; `function`: your Python function."""
+    """`rule`: the built-in task's verifier; `reward_model`: a sequence-classification model; `function`: your
+    Python function."""
     correct_weight: float = 1.0
     """Rule judge: score added for a correct answer."""
     polite_weight: float = 0.5
     """Rule judge: score added for the polite closing."""
     reward_model: str | None = None
-    """Reward-model judge: hub id or folder of an `AutoModelForSequenceClassification` (its first logit is the score)."""
+    """Reward-model judge: hub id or folder of an `AutoModelForSequenceClassification` (its first logit is the
+    score)."""
     reward_model_revision: str | None = None
     """Hub revision of `reward_model`."""
     chat_template: Literal["policy", "own"] = "policy"
     """Reward-model judge: render conversations with the policy's chat template, or with the reward model's own."""
     function: str | None = None
-    """Function judge: `package.module:function` called as `function(prompt, response) -> float` (prompt as in the data)."""
+    """Function judge: `package.module:function` called as `function(prompt, response) -> float` (prompt as in the
+    data)."""
     batch_size: PositiveInt = 16
     """Reward-model judge: conversations per forward pass."""
 
     @model_validator(mode="after")
-    def _judge_named(self) -> "JudgeParams":
+    def _judge_named(self) -> JudgeParams:
         if self.kind == "reward_model" and not self.reward_model:
             raise ValueError("kind reward_model needs reward_model (a hub id or a folder)")
         if self.kind == "function" and (not self.function or ":" not in self.function):
@@ -292,7 +302,8 @@ class JudgeParams(Section):
 
 class PairParams(Section):
     strategy: Literal["best_worst", "margin"] = "best_worst"
-    """`best_worst`: one pair per prompt (highest vs lowest score); `margin`: every two responses whose scores differ by `min_gap` or more."""
+    """`best_worst`: one pair per prompt (highest vs lowest score); `margin`: every two responses whose scores
+    differ by `min_gap` or more."""
     min_gap: float = Field(0.25, gt=0)
     """Smallest score difference that makes a pair; closer responses (ties) are dropped and counted."""
     max_pairs_per_prompt: PositiveInt = 4
@@ -339,7 +350,7 @@ class NextRoundParams(Section):
     """Reference of an appended round: the frozen SFT snapshot, or the policy the round starts from."""
 
     @model_validator(mode="after")
-    def _schedule_parses(self) -> "NextRoundParams":
+    def _schedule_parses(self) -> NextRoundParams:
         if self.cron is not None:
             # Prefect's own schedule model, so a schedule that validates here is one the deployment accepts.
             from prefect.client.schemas.schedules import CronSchedule
@@ -354,7 +365,8 @@ class NextRoundParams(Section):
 
 class OrchestrationParams(Section):
     retries: int = Field(2, ge=0)
-    """Times the Prefect flow re-runs a failed stage before failing (a stage that refuses its input is never retried)."""
+    """Times the Prefect flow re-runs a failed stage before failing (a stage that refuses its input is never
+    retried)."""
     retry_delay_seconds: float = Field(30.0, ge=0)
     """Wait before each retry of a failed stage."""
     next_round: NextRoundParams = NextRoundParams()
@@ -382,7 +394,7 @@ class Params(Section):
     """The Prefect flows (no stage reads these, so changing them re-runs nothing)."""
 
     @model_validator(mode="after")
-    def _quantization_needs_lora(self) -> "Params":
+    def _quantization_needs_lora(self) -> Params:
         if self.model.quantization != "none" and self.dpo.method != "lora":
             raise ValueError("model.quantization needs dpo.method: lora (quantized weights cannot be fully fine-tuned)")
         return self

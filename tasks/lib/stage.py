@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from tasks.lib.params import ParamsError, load_params
 from tasks.lib.errors import DataError
+from tasks.lib.params import ParamsError, load_params
 from tasks.lib.schema import Params
 
 BAD_INPUT_EXIT = 2
