@@ -134,6 +134,14 @@ def save_experiment(root: Path, name: str, files: list[str]) -> str:
     )
     if result.returncode != 0:
         raise RuntimeError(f"dvc exp save failed:\n{result.stdout}{result.stderr}")
+    commit = experiment_commits(root).get(name)
+    if commit is None:
+        raise RuntimeError(f"dvc exp save reported success but no experiment named {name} exists")
+    return commit
+
+
+def experiment_commits(root: Path) -> dict[str, str]:
+    """Every recorded DVC experiment of the repository: name -> commit (DVC keeps them as git refs)."""
     refs = subprocess.run(
         ["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"],
         cwd=root,
@@ -141,10 +149,11 @@ def save_experiment(root: Path, name: str, files: list[str]) -> str:
         text=True,
         check=True,
     ).stdout.splitlines()
-    commits = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
-    if not commits:
-        raise RuntimeError(f"dvc exp save reported success but no experiment named {name} exists")
-    return commits[0]
+    return {
+        ref.rsplit("/", 1)[-1]: commit
+        for commit, ref in (line.split() for line in refs)
+        if not ref.startswith("refs/exps/exec/")
+    }
 
 
 def _with_git_identity(root: Path, env: dict[str, str]) -> dict[str, str]:

@@ -108,7 +108,7 @@ def _stop_process(pid: int, name: str, process: subprocess.Popen | None = None, 
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             return
-        if process is None and not _alive(pid):
+        if process is None and not alive(pid):
             return
         time.sleep(0.2)
     print(f"{name} (pid {pid}) ignored SIGTERM for {grace_s:.0f} s; killing it")
@@ -172,7 +172,7 @@ def serve_foreground(args: argparse.Namespace) -> None:
 def serve_detached(args: argparse.Namespace) -> None:
     api_url = _configure(args)
     pid_file, log = args.home / "serve.pid", args.home / "serve.log"
-    if pid_file.exists() and _alive(int(pid_file.read_text())):
+    if pid_file.exists() and alive(int(pid_file.read_text())):
         sys.exit(f"already serving (pid {pid_file.read_text()}); `make stop` first")
     command = [
         sys.executable,
@@ -197,7 +197,7 @@ def serve_detached(args: argparse.Namespace) -> None:
     )
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -7,13 +7,12 @@ Otherwise it records the hub id or local folder to load, so big weights are not 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from tasks.lib.files import atomic_path, write_json
 from tasks.lib.policies import BASE_SOURCE_FILE, is_builtin
-from tasks.lib.schema import BuiltinModelParams, ModelParams, Params
+from tasks.lib.schema import BuiltinModelParams, Params
 from tasks.lib.stage import stage_main
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -101,8 +100,15 @@ def build_model(tokenizer, shape: BuiltinModelParams):
     return model
 
 
-def build_base(model: ModelParams, corpus: Path, out: Path) -> None:
-    """Write the base model folder (built-in) or a pointer to the hub id / folder to load."""
+def build_base(params: Params, corpus: Path, out: Path) -> None:
+    """Write the base model folder (built-in) or a pointer to the hub id / folder to load.
+
+    Args:
+        params: the pipeline's params (`model` section)
+        corpus: text the built-in tokenizer is trained on (the SFT data)
+        out: the base folder
+    """
+    model = params.model
     with atomic_path(out) as scratch:
         scratch.mkdir()
         if not is_builtin(model):
@@ -115,15 +121,5 @@ def build_base(model: ModelParams, corpus: Path, out: Path) -> None:
             print(f"built-in base: {sum(p.numel() for p in network.parameters()):,} parameters, vocab {len(tokenizer)}")
 
 
-def run(params: Params, args: argparse.Namespace) -> None:
-    build_base(params.model, args.corpus, args.out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__, run, argv, paths={"--corpus": "text the built-in tokenizer is trained on", "--out": "the base folder"}
-    )
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(build_base)

@@ -8,18 +8,18 @@ sanity check. A round past the guard's thresholds is marked `failed-quality` in 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
 from tasks.lib.chat import render
+from tasks.lib.errors import QualityGateFailed
 from tasks.lib.files import atomic_path, load_records, write_json
 from tasks.lib.hashing import file_digest
 from tasks.lib.policies import ADAPTER_DIR, load_model, load_tokenizer, merge_adapter, save_policy, scrub_local_paths
 from tasks.lib.schema import GuardParams, Params
-from tasks.lib.stage import exit_bad_input, stage_main
+from tasks.lib.stage import stage_main
 from tasks.lib.training import (
     REF_COLUMNS,
     dpo_sequence_config,
@@ -103,7 +103,7 @@ def guard_verdict(guard: GuardParams, drift: float, pass_rate: float) -> list[st
 
 def train_round(
     params: Params,
-    name: str,
+    round_name: str,
     policy: Path,
     reference_logps: Path,
     out: Path,
@@ -112,10 +112,25 @@ def train_round(
     plots: Path,
     metrics: Path,
 ) -> dict:
-    """Train round `name` from `policy`; write the new policy, its plots and guarded metrics."""
+    """Train round `round_name` from `policy`; write the candidate policy, its plots and guarded metrics.
+
+    A round past the collapse guard's thresholds is marked `failed-quality` (and stops the run when
+    `dpo.guard.fail_run` is set).
+
+    Args:
+        params: the pipeline's params
+        round_name: the round, a key of `dpo.rounds`
+        policy: policy the round starts from
+        reference_logps: the round's reference log-probs folder (from reference_logps@<round>)
+        out: the round's trained candidate policy
+        checkpoints: resumable trainer checkpoints
+        logs: TensorBoard folder (none: no TensorBoard logs)
+        plots: per-step training curves (DVC plots file)
+        metrics: the stage's metrics (losses, held-out rewards, collapse guard verdict)
+    """
     from datasets import load_dataset
 
-    spec = params.dpo.rounds[name]
+    spec = params.dpo.rounds[round_name]
     lora = params.dpo.method == "lora"
     tokenizer = load_tokenizer(str(policy), params.model)
     model = load_model(str(policy), params.model, quantize=lora)
@@ -173,7 +188,7 @@ def train_round(
     reasons = guard_verdict(params.dpo.guard, drift, pass_rate)
     train_losses = [row["loss"] for row in history if "loss" in row]
     summary = {
-        "round": name,
+        "round": round_name,
         "previous": spec.previous,
         "reference": spec.reference,
         "steps": trainer.state.global_step,
@@ -194,6 +209,11 @@ def train_round(
         plots, [{"step": row["step"], **{k: row[k] for k in PLOTTED if k in row}} for row in history if "loss" in row]
     )
     write_json(metrics, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "sanity_examples"}, indent=2))
+    if reasons:
+        shout(round_name, reasons)
+        if params.dpo.guard.fail_run:
+            raise QualityGateFailed(f"round {round_name} failed the collapse guard (dpo.guard.fail_run: true)")
     return summary
 
 
@@ -214,42 +234,5 @@ def shout(name: str, reasons: list[str]) -> None:
     )
 
 
-def run(params: Params, args: argparse.Namespace) -> None:
-    summary = train_round(
-        params,
-        args.round,
-        args.policy,
-        args.reference_logps,
-        args.out,
-        args.checkpoints,
-        args.logs,
-        args.plots,
-        args.metrics,
-    )
-    print(json.dumps({k: v for k, v in summary.items() if k != "sanity_examples"}, indent=2))
-    if summary["guard_reasons"]:
-        shout(args.round, summary["guard_reasons"])
-        if params.dpo.guard.fail_run:
-            exit_bad_input(f"round {args.round} failed the collapse guard (dpo.guard.fail_run: true)")
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        takes_round=True,
-        paths={
-            "--policy": "policy the round starts from",
-            "--reference-logps": "the round's reference log-probs folder",
-            "--out": "the round's trained candidate policy",
-            "--checkpoints": "resumable trainer checkpoints",
-            "--plots": "per-step training curves (DVC plots file)",
-            "--metrics": "the stage's metrics (collapse guard verdict)",
-        },
-        optional_paths={"--logs": "TensorBoard folder"},
-    )
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(train_round)

@@ -8,7 +8,6 @@ those documents, and writes `{metric: value}` for the model.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -62,6 +61,15 @@ def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -
 
 
 def evaluate_model(params: Params, model: Path, eval_pairs: Path, sft_heldout: Path, out: Path) -> dict:
+    """Evaluate one model with lm-eval on the held-out data; write `{metric: value}`.
+
+    Args:
+        params: the pipeline's params
+        model: a model folder
+        eval_pairs: prepared held-out pairs
+        sft_heldout: held-out SFT rows
+        out: the model's metrics, JSON `{metric: value}`
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml  # resolves include: and !function like the CLI
@@ -102,27 +110,9 @@ def evaluate_model(params: Params, model: Path, eval_pairs: Path, sft_heldout: P
         if task in results and f"{metric},none" in results[task]
     }
     write_json(out, scores)
+    print(f"{model}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     return scores
 
 
-def run(params: Params, args: argparse.Namespace) -> None:
-    scores = evaluate_model(params, args.model, args.eval_pairs, args.sft_heldout, args.out)
-    print(f"{args.model}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        paths={
-            "--model": "a model folder",
-            "--eval-pairs": "prepared held-out pairs",
-            "--sft-heldout": "held-out SFT rows",
-            "--out": "JSON {metric: value}",
-        },
-    )
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(evaluate_model)

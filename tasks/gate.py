@@ -12,7 +12,6 @@ candidate's own metrics.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ def refusals(gate: GateParams, candidate: dict[str, float], baseline: dict[str, 
 
 def gate_round(
     params: Params,
-    name: str,
+    round_name: str,
     candidate: Path,
     candidate_eval: Path,
     round_metrics: Path,
@@ -65,15 +64,28 @@ def gate_round(
     out: Path,
     eval_out: Path,
 ) -> dict:
+    """Promote the round's candidate, or keep the policy it started from; write that policy and its eval.
+
+    Args:
+        params: the pipeline's params
+        round_name: the round, a key of `dpo.rounds`
+        candidate: the round's trained policy
+        candidate_eval: its evaluation
+        round_metrics: the dpo stage's metrics (collapse guard)
+        baseline: the policy the round started from
+        baseline_eval: its evaluation
+        out: the round's policy after the gate
+        eval_out: that policy's metrics, the decision and its reasons
+    """
     candidate_scores = policy_metrics(read_json(candidate_eval))
     baseline_scores = policy_metrics(read_json(baseline_eval))
     reasons = refusals(params.dpo.gate, candidate_scores, baseline_scores, read_json(round_metrics))
     promoted = not reasons
-    source = name if promoted else trained_round(baseline)
+    source = round_name if promoted else trained_round(baseline)
     with atomic_path(out) as scratch:
         shutil.copytree(candidate if promoted else baseline, scratch)
         write_json(
-            scratch / PROMOTION_FILE, {"round": name, "promoted": promoted, "source": source, "reasons": reasons}
+            scratch / PROMOTION_FILE, {"round": round_name, "promoted": promoted, "source": source, "reasons": reasons}
         )
     decision = {
         **(candidate_scores if promoted else baseline_scores),
@@ -84,47 +96,15 @@ def gate_round(
         "started_from": baseline_scores,
     }
     write_json(eval_out, decision)
+    if promoted:
+        print(f"gate: {round_name} promoted")
+    else:
+        print(
+            f"gate: {round_name} REFUSED; the next round starts from {source}'s policy:\n"
+            + "\n".join(f"  - {reason}" for reason in reasons)
+        )
     return decision
 
 
-def run(params: Params, args: argparse.Namespace) -> None:
-    decision = gate_round(
-        params,
-        args.round,
-        args.candidate,
-        args.candidate_eval,
-        args.round_metrics,
-        args.baseline,
-        args.baseline_eval,
-        args.out,
-        args.eval_out,
-    )
-    if decision["promoted"]:
-        print(f"gate: {args.round} promoted")
-    else:
-        print(
-            f"gate: {args.round} REFUSED; the next round starts from {decision['source']}'s policy:\n"
-            + "\n".join(f"  - {reason}" for reason in decision["reasons"])
-        )
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        takes_round=True,
-        paths={
-            "--candidate": "the round's trained policy",
-            "--candidate-eval": "its evaluation",
-            "--round-metrics": "the dpo stage's metrics (collapse guard)",
-            "--baseline": "the policy the round started from",
-            "--baseline-eval": "its evaluation",
-            "--out": "the round's policy after the gate",
-            "--eval-out": "that policy's metrics and the decision",
-        },
-    )
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(gate_round)

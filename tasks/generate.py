@@ -9,17 +9,17 @@ same responses an uninterrupted run would.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from tasks.lib.chat import render
+from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.generation import open_backend
 from tasks.lib.hashing import directory_digest, file_digest
 from tasks.lib.schema import Params
-from tasks.lib.stage import exit_bad_input, stage_main
+from tasks.lib.stage import stage_main
 from tasks.lib.training import claim_checkpoint_dir
 
 BATCH_SEED_STRIDE = 1_000_003
@@ -38,9 +38,20 @@ def sampling_fingerprint(params: Params, policy: Path, prompts: Path) -> dict:
 
 
 def generate_round(params: Params, policy: Path, prompts: Path, out: Path, checkpoints: Path, metrics: Path) -> dict:
-    """Sample every prompt's responses (resuming finished batches) and write them with their prompts."""
+    """Sample every prompt's responses (resuming finished batches) and write them with their prompts.
+
+    Args:
+        params: the pipeline's params
+        policy: policy folder to sample from
+        prompts: the round's prompts (from prompts@<round>)
+        out: prompts with their sampled responses (JSON lines)
+        checkpoints: finished batches, for resuming
+        metrics: the stage's metrics (tokens, tokens/s, resumed batches)
+    """
     from tqdm import tqdm
 
+    if not prompts.exists():
+        raise DataError(f"--prompts {prompts}: no such file")
     settings = params.onpolicy.generate
     rows = load_records(prompts)
     per_call = max(1, settings.batch_size // settings.samples_per_prompt)
@@ -85,34 +96,13 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
         "tokens_per_second": round(new_tokens / seconds, 1) if seconds > 0 and backend is not None else None,
     }
     write_json(metrics, summary)
-    return summary
-
-
-def run(params: Params, args: argparse.Namespace) -> None:
-    if not args.prompts.exists():
-        exit_bad_input(f"--prompts {args.prompts}: no such file")
-    summary = generate_round(params, args.policy, args.prompts, args.out, args.checkpoints, args.metrics)
     print(
         f"generate: {summary['responses']} responses to {summary['prompts']} prompts, {summary['new_tokens']} tokens"
         f" in {summary['seconds']:.1f} s ({summary['tokens_per_second']} tokens/s), "
         f"{summary['resumed_batches']} batches resumed"
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        paths={
-            "--policy": "policy folder to sample from",
-            "--prompts": "the round's prompts (from prompts@<round>)",
-            "--out": "prompts with their sampled responses (JSON lines)",
-            "--checkpoints": "finished batches, for resuming",
-            "--metrics": "the stage's metrics",
-        },
-    )
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    stage_main(generate_round)

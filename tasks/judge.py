@@ -12,7 +12,6 @@ code or weights) in the round's metrics.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import inspect
@@ -155,6 +154,15 @@ def open_judge(params: Params, policy: Path) -> Judge:
 
 
 def judge_round(params: Params, generations: Path, policy: Path, out: Path, metrics: Path) -> dict:
+    """Score every sampled response with the configured judge; write the scores beside the samples.
+
+    Args:
+        params: the pipeline's params
+        generations: sampled responses (from generate@<round>)
+        policy: the sampling policy (its chat template renders conversations for a reward model)
+        out: responses with their scores (JSON lines)
+        metrics: the stage's metrics (judge identity, score summary)
+    """
     rows = load_records(generations)
     judge = open_judge(params, policy)
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
@@ -177,31 +185,13 @@ def judge_round(params: Params, generations: Path, policy: Path, out: Path, metr
         summary["correct_rate"] = statistics.fmean(v.correct for v in verdicts)
         summary["polite_rate"] = statistics.fmean(v.polite for v in verdicts)
     write_json(metrics, summary)
-    return summary
-
-
-def run(params: Params, args: argparse.Namespace) -> None:
-    summary = judge_round(params, args.generations, args.policy, args.out, args.metrics)
     rates = "".join(f", {k} {summary[k]:.3f}" for k in ("correct_rate", "polite_rate") if k in summary)
     print(
         f"judge ({summary['judge']['kind']}): {summary['responses']} responses, mean score "
         f"{summary['mean_score']}{rates}"
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        paths={
-            "--generations": "sampled responses (from generate@<round>)",
-            "--policy": "the sampling policy (its chat template)",
-            "--out": "responses with their scores (JSON lines)",
-            "--metrics": "the stage's metrics (judge identity, score summary)",
-        },
-    )
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    stage_main(judge_round)

@@ -8,16 +8,12 @@ checkpoint, its evaluation and the gate's decision.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from tasks.lib.files import read_json, write_json
 from tasks.lib.hashing import directory_digest, file_digest
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
-
-OUTPUTS = ("prompts", "incoming", "generations", "scored", "pairs", "reference-logps", "candidate", "policy")
-REPORTS = ("prompts", "generate", "judge", "pairs", "dpo", "gate")
 
 
 def pick(record: dict, *keys: str) -> dict:
@@ -96,21 +92,55 @@ def round_lineage(name: str, files: dict[str, Path], reports: dict[str, Path]) -
     }
 
 
-def run(params: Params, args: argparse.Namespace) -> None:
-    files = {step.replace("-", "_"): getattr(args, step.replace("-", "_")) for step in OUTPUTS}
-    reports = {step: getattr(args, f"{step}_report") for step in REPORTS}
-    record = round_lineage(args.round, files, reports)
-    write_json(args.out, record)
-    print(
-        f"lineage@{args.round}: {record['pairs']['pairs']} pairs, promoted {record['gate']['promoted']} -> {args.out}"
-    )
+def write_lineage(
+    params: Params,
+    round_name: str,
+    prompts: Path,
+    incoming: Path,
+    generations: Path,
+    scored: Path,
+    pairs: Path,
+    reference_logps: Path,
+    candidate: Path,
+    policy: Path,
+    prompts_report: Path,
+    generate_report: Path,
+    judge_report: Path,
+    pairs_report: Path,
+    dpo_report: Path,
+    gate_report: Path,
+    out: Path,
+) -> dict:
+    """Write round `round_name`'s lineage record: each step's output hash and the facts that produced it.
 
-
-def main(argv: list[str] | None = None) -> None:
-    paths = {f"--{step}": f"the round's {step} output" for step in OUTPUTS}
-    paths.update({f"--{step}-report": f"the {step} stage's metrics" for step in REPORTS})
-    stage_main(__doc__, run, argv, takes_round=True, paths={**paths, "--out": "the round's lineage record"})
+    Args:
+        params: the pipeline's params (validated; the record reads the stages' reports)
+        round_name: the round, a key of `dpo.rounds`
+        prompts: the round's prompts
+        incoming: the round's validated human pairs
+        generations: the sampled responses
+        scored: the judged responses
+        pairs: the round's training pairs
+        reference_logps: the reference log-probs folder
+        candidate: the trained candidate policy
+        policy: the round's policy after the gate
+        prompts_report: the prompts stage's report
+        generate_report: the generate stage's metrics
+        judge_report: the judge stage's metrics
+        pairs_report: the pairs stage's report
+        dpo_report: the dpo stage's metrics
+        gate_report: the gate's decision (the round's eval file)
+        out: the lineage record (JSON)
+    """
+    files = {"prompts": prompts, "incoming": incoming, "generations": generations, "scored": scored, "pairs": pairs,
+             "reference_logps": reference_logps, "candidate": candidate, "policy": policy}  # fmt: skip
+    reports = {"prompts": prompts_report, "generate": generate_report, "judge": judge_report,
+               "pairs": pairs_report, "dpo": dpo_report, "gate": gate_report}  # fmt: skip
+    record = round_lineage(round_name, files, reports)
+    write_json(out, record)
+    print(f"lineage@{round_name}: {record['pairs']['pairs']} pairs, promoted {record['gate']['promoted']} -> {out}")
+    return record
 
 
 if __name__ == "__main__":
-    main()
+    stage_main(write_lineage)

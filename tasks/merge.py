@@ -11,7 +11,6 @@ code, and no absolute path of the build machine is left in it.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from tasks.lib.files import atomic_path, read_json, write_json
@@ -94,6 +93,15 @@ def round_decisions(params: Params, policies: Path) -> dict[str, dict]:
 
 
 def export_final(params: Params, policies: Path, reference_metrics: Path, out: Path, metrics: Path) -> dict:
+    """Export the last promoted round's policy as a standalone model folder with a model card.
+
+    Args:
+        params: the pipeline's params
+        policies: folder of the sft snapshot and the rounds' policies
+        reference_metrics: the reference stage's metrics (the snapshot's sha256)
+        out: the standalone merged model
+        metrics: the stage's metrics
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     policy = policies / params.dpo.final_round
@@ -129,27 +137,9 @@ def export_final(params: Params, policies: Path, reference_metrics: Path, out: P
         scrub_local_paths(scratch)
     summary["sha256"] = directory_digest(out)
     write_json(metrics, summary)
+    print(f"merge: {summary['round']} -> {out} (sha256 {summary['sha256'][:12]})")
     return summary
 
 
-def run(params: Params, args: argparse.Namespace) -> None:
-    summary = export_final(params, args.policies, args.reference_metrics, args.out, args.metrics)
-    print(f"merge: {summary['round']} -> {args.out} (sha256 {summary['sha256'][:12]})")
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        paths={
-            "--policies": "folder of the sft snapshot and round policies",
-            "--reference-metrics": "the reference stage's metrics",
-            "--out": "the standalone merged model",
-            "--metrics": "the stage's metrics",
-        },
-    )
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(export_final)

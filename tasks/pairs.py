@@ -13,7 +13,6 @@ length drift is the known failure of iterative DPO.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 from pathlib import Path
@@ -90,6 +89,16 @@ def length_stats(pairs: list[dict], tokenizer) -> dict[str, float | None]:
 
 
 def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: Path, report: Path) -> dict:
+    """Pair the round's judged responses, add its human pairs, validate them all and report.
+
+    Args:
+        params: the pipeline's params
+        scored: judged responses (from judge@<round>)
+        incoming: the round's validated human pairs
+        base: base folder (its tokenizer measures lengths)
+        out: the round's training pairs (JSON lines)
+        report: the stage's report (counts, ties, score gap, lengths)
+    """
     onpolicy, onpolicy_stats = judged_pairs(load_records(scored), params.onpolicy.pairs)
     human = load_records(incoming)
     with atomic_path(out) as scratch:
@@ -115,33 +124,14 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
         **token_length_report(result.rows, tokenizer, params.dpo.sequence.max_length),
     }
     write_json(report, summary)
-    return summary
-
-
-def run(params: Params, args: argparse.Namespace) -> None:
-    summary = build_pairs(params, args.scored, args.incoming, args.base, args.out, args.report)
     print(
         f"pairs: {summary['pairs']} ({summary['onpolicy_pairs']} on-policy, {summary['human_pairs']} human); "
         f"dropped {summary['ties_dropped']} ties, {summary['degenerate_dropped']} degenerate; mean gap "
         f"{summary['mean_score_gap']}; chosen/rejected {summary['chosen_chars_mean']}/"
         f"{summary['rejected_chars_mean']} chars"
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        paths={
-            "--scored": "judged responses (from judge@<round>)",
-            "--incoming": "the round's validated human pairs",
-            "--base": "base folder (its tokenizer measures lengths)",
-            "--out": "the round's training pairs (JSON lines)",
-            "--report": "the stage's report",
-        },
-    )
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    stage_main(build_pairs)

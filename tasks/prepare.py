@@ -6,7 +6,6 @@ counts, dropped lines and why, duplicates, token-length statistics and truncatio
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 
@@ -27,8 +26,17 @@ def split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [rows[i] for i in train], [rows[i] for i in heldout]
 
 
-def prepare(params: Params, sft: Path, eval_pairs: Path, base: Path, out_dir: Path, report: Path) -> dict:
-    """Validate both inputs (all problems before any output), then write the splits and the report."""
+def prepare(params: Params, sft: Path, eval_pairs: Path, base: Path, out: Path, report: Path) -> dict:
+    """Validate both inputs (all problems before any output), then write the splits and the report.
+
+    Args:
+        params: the pipeline's params
+        sft: SFT data (JSON lines)
+        eval_pairs: held-out preference pairs (JSON lines)
+        base: base folder (its tokenizer measures lengths)
+        out: folder for sft_train, sft_heldout and eval_pairs (JSON lines)
+        report: the data report (DVC metric)
+    """
     results = {"sft": read_records(sft, "sft"), "eval_pairs": read_records(eval_pairs, "pairs")}
     problems = []
     for result in results.values():
@@ -56,38 +64,19 @@ def prepare(params: Params, sft: Path, eval_pairs: Path, base: Path, out_dir: Pa
             **token_length_report(results["eval_pairs"].rows, tokenizer, params.dpo.sequence.max_length),
         },
     }
-    with atomic_path(out_dir) as scratch:
+    with atomic_path(out) as scratch:
         scratch.mkdir()
         write_records(scratch / "sft_train.jsonl", train)
         write_records(scratch / "sft_heldout.jsonl", heldout)
         write_records(scratch / "eval_pairs.jsonl", results["eval_pairs"].rows)
     write_json(report, summary)
-    return summary
-
-
-def run(params: Params, args: argparse.Namespace) -> None:
-    summary = prepare(params, args.sft, args.eval_pairs, args.base, args.out, args.report)
     for name, section in summary.items():
         print(
             f"{name}: kept {section['kept']} of {section['lines']} lines, dropped {section['dropped']}, "
             f"duplicates {section['duplicates_removed']}, truncated {section['truncated_rows']}"
         )
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        paths={
-            "--sft": "SFT data (JSON lines)",
-            "--eval-pairs": "held-out preference pairs (JSON lines)",
-            "--base": "base folder (its tokenizer measures lengths)",
-            "--out": "folder for sft_train, sft_heldout, eval_pairs",
-            "--report": "the data report (DVC metric)",
-        },
-    )
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    stage_main(prepare)

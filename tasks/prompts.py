@@ -9,7 +9,6 @@ Human pairs in `<incoming>/<round>.jsonl` are validated like every pairs file an
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 
@@ -39,14 +38,25 @@ def incoming_pairs(params: Params, incoming: Path) -> tuple[list[dict], dict]:
 
 
 def draw_prompts(
-    params: Params, round_name: str, pool: Path, incoming_dir: Path, out: Path, incoming_out: Path, report: Path
+    params: Params, round_name: str, pool: Path, incoming: Path, out: Path, incoming_out: Path, report: Path
 ) -> dict:
+    """Write round `round_name`'s prompts (its slice of the pool) and its validated human pairs.
+
+    Args:
+        params: the pipeline's params
+        round_name: the round, a key of `dpo.rounds`
+        pool: prompt pool (JSON lines)
+        incoming: folder of per-round human pairs (`<round>.jsonl`, optional)
+        out: the round's prompts (JSON lines)
+        incoming_out: the round's validated human pairs (JSON lines)
+        report: the stage's report
+    """
     result = read_records(pool, "prompts")
     enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
     settings = params.onpolicy.prompts
     round_index = list(params.dpo.rounds).index(round_name)
     indices, reused = round_slice(len(result.rows), settings.per_round, round_index, settings.seed)
-    human, human_report = incoming_pairs(params, incoming_dir / f"{round_name}.jsonl")
+    human, human_report = incoming_pairs(params, incoming / f"{round_name}.jsonl")
     summary = {
         "round": round_name,
         "pool": str(pool),
@@ -63,37 +73,17 @@ def draw_prompts(
     with atomic_path(incoming_out) as scratch:
         write_records(scratch, human)
     write_json(report, summary)
-    return summary
-
-
-def run(params: Params, args: argparse.Namespace) -> None:
-    summary = draw_prompts(params, args.round, args.pool, args.incoming, args.out, args.incoming_out, args.report)
     print(
-        f"prompts@{args.round}: {summary['prompts']} prompts from a pool of {summary['pool_size']}"
+        f"prompts@{round_name}: {summary['prompts']} prompts from a pool of {summary['pool_size']}"
         f" ({summary['reused_prompts']} reused), {summary['incoming_pairs']} human pairs"
     )
     if summary["pool_exhausted"]:
         print(
-            f"WARNING: the prompt pool is exhausted: {summary['reused_prompts']} prompts of round {args.round} "
+            f"WARNING: the prompt pool is exhausted: {summary['reused_prompts']} prompts of round {round_name} "
             "were used by earlier rounds; grow onpolicy.prompts.pool or lower per_round"
         )
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        takes_round=True,
-        paths={
-            "--pool": "prompt pool (JSON lines)",
-            "--incoming": "folder of per-round human pairs (<round>.jsonl)",
-            "--out": "the round's prompts (JSON lines)",
-            "--incoming-out": "the round's validated human pairs",
-            "--report": "the stage's report",
-        },
-    )
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    stage_main(draw_prompts)

@@ -6,7 +6,6 @@ content hash is recorded, so every DPO round and the exported model can name the
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from tasks.lib.files import atomic_path, write_json
@@ -17,6 +16,15 @@ from tasks.lib.stage import stage_main
 
 
 def snapshot_sft(params: Params, base: Path, sft: Path, out: Path, metrics: Path) -> dict:
+    """Write the frozen reference: the SFT policy as a standalone model folder, with its content hash.
+
+    Args:
+        params: the pipeline's params
+        base: the base folder (a LoRA SFT adapter is merged into it)
+        sft: the SFT stage's policy (full weights or an adapter)
+        out: the frozen reference snapshot
+        metrics: the stage's metrics (snapshot sha256, parameter count)
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,27 +39,9 @@ def snapshot_sft(params: Params, base: Path, sft: Path, out: Path, metrics: Path
         scrub_local_paths(scratch)
     summary = {"sha256": directory_digest(out), "parameters": sum(p.numel() for p in model.parameters())}
     write_json(metrics, summary)
+    print(f"reference snapshot {out}: sha256 {summary['sha256'][:12]}, {summary['parameters']:,} parameters")
     return summary
 
 
-def run(params: Params, args: argparse.Namespace) -> None:
-    summary = snapshot_sft(params, args.base, args.sft, args.out, args.metrics)
-    print(f"reference snapshot {args.out}: sha256 {summary['sha256'][:12]}, {summary['parameters']:,} parameters")
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        paths={
-            "--base": "the base folder",
-            "--sft": "the SFT stage's policy (full weights or an adapter)",
-            "--out": "the frozen reference snapshot",
-            "--metrics": "the stage's metrics (snapshot sha256)",
-        },
-    )
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(snapshot_sft)

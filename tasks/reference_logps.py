@@ -7,7 +7,6 @@ stored as a DVC output. DPO then trains with no reference model in memory, and a
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,15 @@ from tasks.lib.training import PAIR_COLUMNS, REF_COLUMNS, dpo_sequence_config
 
 
 def compute_reference_logps(params: Params, reference: Path, pairs: Path, eval_pairs: Path, out: Path) -> None:
+    """Store the round's pairs (and the held-out pairs) with their log-probabilities under the reference.
+
+    Args:
+        params: the pipeline's params
+        reference: the round's reference policy folder
+        pairs: the round's prepared training pairs
+        eval_pairs: prepared held-out pairs
+        out: folder for train.jsonl and eval.jsonl
+    """
     from datasets import load_dataset
     from trl import DPOTrainer
 
@@ -44,23 +52,5 @@ def compute_reference_logps(params: Params, reference: Path, pairs: Path, eval_p
                 print(f"reference log-probs: {len(rows)} {name} pairs")
 
 
-def run(params: Params, args: argparse.Namespace) -> None:
-    compute_reference_logps(params, args.reference, args.pairs, args.eval_pairs, args.out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        paths={
-            "--reference": "the round's reference policy folder",
-            "--pairs": "the round's prepared training pairs",
-            "--eval-pairs": "prepared held-out pairs",
-            "--out": "folder for train.jsonl and eval.jsonl",
-        },
-    )
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(compute_reference_logps)

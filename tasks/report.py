@@ -8,7 +8,6 @@ table of the last run.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from tasks.lib.files import read_json, write_json
@@ -58,11 +57,20 @@ def table(scores: dict[str, dict[str, float]], notes: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def run(params: Params, args: argparse.Namespace) -> None:
-    scores = read_json(args.out) if args.print_only else collect(params, args.evals)
-    if not args.print_only:
-        write_json(args.out, scores)
-    notes = round_notes(params, args.evals, args.metrics)
+def write_report(params: Params, evals: Path, metrics: Path, out: Path, print_only: bool = False) -> None:
+    """Collect every model's metrics into `out` and print the table (the gate's decisions and guard flags beside it).
+
+    Args:
+        params: the pipeline's params
+        evals: folder of per-model evaluations
+        metrics: folder of the rounds' metrics
+        out: `{model: {metric: value}}` (metrics/eval.json)
+        print_only: print the table of an existing `out` without rebuilding it
+    """
+    scores = read_json(out) if print_only else collect(params, evals)
+    if not print_only:
+        write_json(out, scores)
+    notes = round_notes(params, evals, metrics)
     print(table(scores, notes))
     failed = [name for name, note in notes.items() if "FAILED-QUALITY" in note]
     if failed:
@@ -74,21 +82,5 @@ def run(params: Params, args: argparse.Namespace) -> None:
         print(f"\nThe promotion gate refused {', '.join(refused)}; reasons in metrics/eval/<round>.json")
 
 
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        paths={
-            "--evals": "folder of per-model evaluations",
-            "--metrics": "folder of the rounds' metrics",
-            "--out": "metrics/eval.json: {model: {metric: value}}",
-        },
-        add_arguments=lambda parser: parser.add_argument(
-            "--print-only", action="store_true", help="print the table of --out without rebuilding it"
-        ),
-    )
-
-
 if __name__ == "__main__":
-    main()
+    stage_main(write_report)

@@ -8,7 +8,6 @@ checkpoint when params and data are unchanged.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from tasks.lib.files import atomic_path, write_json
@@ -34,7 +33,19 @@ def train_sft(
     plots: Path,
     metrics: Path,
 ) -> dict:
-    """Fine-tune the base on `train`, evaluate on `heldout`, save the policy to `out`."""
+    """Fine-tune the base on `train`, evaluate on `heldout`, save the policy to `out`.
+
+    Args:
+        params: the pipeline's params
+        base: the base folder
+        train: SFT training rows (JSON lines)
+        heldout: held-out SFT rows (JSON lines)
+        out: the trained policy folder (full weights or a LoRA adapter)
+        checkpoints: resumable trainer checkpoints
+        logs: TensorBoard folder (none: no TensorBoard logs)
+        plots: per-step losses (DVC plots file)
+        metrics: the stage's metrics
+    """
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -82,36 +93,12 @@ def train_sft(
     }
     write_json(plots, [row for row in history if "loss" in row])
     write_json(metrics, summary)
-    return summary
-
-
-def run(params: Params, args: argparse.Namespace) -> None:
-    summary = train_sft(
-        params, args.base, args.train, args.heldout, args.out, args.checkpoints, args.logs, args.plots, args.metrics
-    )
     print(
         f"sft: loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} "
         f"in {summary['steps']} steps, held-out loss {summary['eval_loss']:.3f}"
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    stage_main(
-        __doc__,
-        run,
-        argv,
-        paths={
-            "--base": "the base folder",
-            "--train": "SFT training rows (JSON lines)",
-            "--heldout": "held-out SFT rows (JSON lines)",
-            "--out": "the trained policy folder",
-            "--checkpoints": "resumable trainer checkpoints",
-            "--plots": "per-step losses (DVC plots file)",
-            "--metrics": "the stage's metrics",
-        },
-        optional_paths={"--logs": "TensorBoard folder"},
-    )
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    stage_main(train_sft)

@@ -1,12 +1,20 @@
-"""Shared fixtures: a temporary git + DVC copy of the project, run once on a micro config."""
+"""Shared fixtures: a temporary git + DVC copy of the project, run once on the micro config.
+
+The micro pipeline (`tests/micro.yaml` over params.yaml) runs once per session with `dvc repro`;
+tests read its outputs and never change it. A test that edits params, data or outputs works on its
+own copy (`project_copy`): a copy holds the finished outputs, dvc.lock and DVC cache, so it re-runs
+only what the test's edit changes, and the tests pass in any order.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +31,9 @@ COPIED = (
     "params.yaml",
     "prefect.toml",
 )
+MICRO = Path(__file__).with_name("micro.yaml")
+MICRO_POOL = 64
+"""Prompts in the micro pool (the built-in pool's first lines): two rounds use it up, a third reuses it."""
 
 # Before Prefect is imported anywhere: no telemetry, and Prefect's files in a temporary folder, not the project's.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -33,17 +44,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
+def project_env(project: Path) -> dict[str, str]:
+    """The environment a project's DVC commands run in: this interpreter's tools, the project's site cache."""
+    return {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "DVC_SITE_CACHE_DIR": str(cwd / ".dvc" / "site_cache"),
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(project / ".dvc" / "site_cache"),
     }
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=project_env(cwd), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -51,53 +62,85 @@ def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.Complet
     return result
 
 
-def make_project(target: Path, edit_params=None, cache: Path | None = None) -> Path:
-    """A git + DVC repository holding a copy of the project's pipeline (and optional params edits).
+def dvc(project: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *arguments], project, check=check)
 
-    `cache`: another project's DVC cache to share, so stages it already ran are restored from its run-cache.
-    """
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def read_params(project: Path) -> dict:
+    return yaml.safe_load((project / "params.yaml").read_text())
+
+
+def write_params(project: Path, params: dict) -> None:
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def edit_params(project: Path, edit: Callable[[dict], None]) -> None:
+    params = read_params(project)
+    edit(params)
+    write_params(project, params)
+
+
+def micro(params: dict) -> None:
+    """Apply tests/micro.yaml's dotted keys to a params mapping."""
+    for dotted, value in yaml.safe_load(MICRO.read_text()).items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+
+def make_project(target: Path, edit: Callable[[dict], None] | None = micro) -> Path:
+    """A git + DVC repository holding a copy of the project's pipeline, its params edited by `edit`."""
     for name in COPIED:
-        source = ROOT / name
-        destination = target / name
+        source, destination = ROOT / name, target / name
         destination.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
             shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, destination)
-    if edit_params:
-        params = yaml.safe_load((target / "params.yaml").read_text())
-        edit_params(params)
-        (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    pool = (ROOT / "data/builtin/prompts.jsonl").read_text().splitlines(keepends=True)[:MICRO_POOL]
+    (target / "data" / "micro").mkdir(parents=True)
+    (target / "data" / "micro" / "prompts.jsonl").write_text("".join(pool))
+    if edit is not None:
+        edit_params(target, edit)
     run(["git", "init", "-q"], target)
-    run([sys.executable, "-m", "dvc", "init", "-q"], target)
+    dvc(target, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", target / ".dvc" / "config")
-    if cache is not None:
-        run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(cache)], target)
     (target / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-    run(["git", "add", "-A"], target)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "init"], target)
+    commit_all(target, "init")
     return target
 
 
-def micro(params: dict) -> None:
-    """The demo, made quicker for tests: DPO logs every step, evaluation on fewer documents."""
-    params["dpo"]["train"]["logging_steps"] = 1
-    params["eval"]["limit"] = 40
+def commit_all(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", message], project)
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    """A copy of a project with its git history, dvc.lock, outputs and DVC cache: nothing it ran runs again."""
+    shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("site_cache", "tmp"))
+    return target
 
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Path:
-    """The micro pipeline reproduced once from scratch; tests read its outputs."""
-    project = make_project(tmp_path_factory.mktemp("pipeline"), micro)
-    result = run([sys.executable, "-m", "dvc", "repro"], project)
+    """The micro pipeline reproduced once from scratch; tests read its outputs and never change them."""
+    project = make_project(tmp_path_factory.mktemp("pipeline"))
+    result = dvc(project, "repro")
     (project / "first_repro.log").write_text(result.stdout)
+    commit_all(project, "micro pipeline reproduced")  # dvc.lock, so a copy's experiments start from it
     return project
 
 
-def read_json(path: Path):
-    import json
-
-    return json.loads(path.read_text())
+@pytest.fixture
+def project_copy(pipeline, tmp_path) -> Path:
+    """A private copy of the finished micro pipeline, for a test that changes something."""
+    return copy_project(pipeline, tmp_path / "project")
 
 
 @pytest.fixture(scope="session")
@@ -109,17 +152,19 @@ def harness():
         yield
 
 
-def micro_flow(params: dict) -> None:
-    micro(params)
-    params["orchestration"]["retry_delay_seconds"] = 0
+def destructive(params: dict) -> None:
+    """A planted regression: DPO steps far too large for the model (and another beta, so DPO alone re-runs)."""
+    params["dpo"]["train"]["learning_rate"] = 0.05
+    params["dpo"]["train"]["max_steps"] = 10
+    params["dpo"]["loss"]["beta"] = 0.2
 
 
 @pytest.fixture(scope="session")
-def flow_project(harness, tmp_path_factory):
-    """The micro pipeline run once from scratch by the flow; returns (project, that run's stage outcomes)."""
-    from flows.pipeline import sft_dpo
+def regressed(pipeline, tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the micro pipeline whose rounds regress, reproduced: (project, that repro's log).
 
-    project = make_project(tmp_path_factory.mktemp("flow"), micro_flow)
-    state = sft_dpo(project=str(project), return_state=True)
-    assert state.is_completed(), state.message
-    return project, state.result()["stages"]
+    Only DPO settings changed, so DVC re-runs each round's dpo and what depends on it; tests read it.
+    """
+    project = copy_project(pipeline, tmp_path_factory.mktemp("regressed") / "project")
+    edit_params(project, destructive)
+    return project, dvc(project, "repro").stdout

@@ -1,4 +1,5 @@
-"""flows/pipeline.py under prefect_test_harness: the micro pipeline run, re-run, overridden, broken and resumed."""
+"""flows/pipeline.py under prefect_test_harness on copies of the micro pipeline: re-run, overridden, broken, resumed,
+extended by a round. Ordering, retries and logging are tested on shell-command DAGs (test_flows_retries.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import json
 import subprocess
 import time
 
-import networkx as nx
 import pytest
 import yaml
 
-from flows.dvc_project import RAN, RESTORED, SKIPPED, StageFailed, read_graph
+from flows.dvc_project import RAN, RESTORED, SKIPPED, StageFailed, experiment_commits, read_graph
 from flows.pipeline import sft_dpo
 from tasks.lib.params import ParamsError
 
@@ -57,19 +57,14 @@ def latest_artifact(key: str):
     return asyncio.run(read())
 
 
-def test_flow_runs_every_stage_of_the_dag_in_dependency_order(flow_project):
-    project, outcomes = flow_project
-    graph = read_graph(project)
-    assert list(outcomes) == graph.order and set(outcomes.values()) == {RAN}
-    position = {name: index for index, name in enumerate(outcomes)}
-    for name, upstream in graph.upstream.items():
-        assert all(position[before] < position[name] for before in upstream), name
-    dependencies = nx.DiGraph([(before, name) for name, ups in graph.upstream.items() for before in ups])
-    assert nx.is_directed_acyclic_graph(dependencies) and {"sft", "dpo@r2", "report"} <= set(dependencies)
+@pytest.fixture
+def flow_project(harness, project_copy):
+    """A private copy of the finished micro pipeline, for a flow run to change."""
+    return project_copy
 
 
-def test_second_run_skips_every_stage_and_publishes_the_dashboard(flow_project):
-    project, _ = flow_project
+def test_run_after_repro_skips_every_stage_and_publishes_the_dashboard(flow_project):
+    project = flow_project
     state = run_flow(project)
     assert state.is_completed()
     assert set(state.result()["stages"].values()) == {SKIPPED}
@@ -85,7 +80,7 @@ def test_second_run_skips_every_stage_and_publishes_the_dashboard(flow_project):
 
 
 def test_override_reruns_what_dvc_says_then_restores_from_run_cache(flow_project):
-    project, _ = flow_project
+    project = flow_project
     params_before = (project / "params.yaml").read_text()
     override = {"eval.batch_size": 8}  # changes no decision downstream of the evals (the gates')
 
@@ -99,7 +94,7 @@ def test_override_reruns_what_dvc_says_then_restores_from_run_cache(flow_project
 
     experiment = state.result()["experiment"]
     recorded = subprocess.run(
-        ["git", "show", f"{experiment_commit(project, experiment)}:params.yaml"],
+        ["git", "show", f"{experiment_commits(project)[experiment]}:params.yaml"],
         cwd=project,
         capture_output=True,
         text=True,
@@ -113,19 +108,8 @@ def test_override_reruns_what_dvc_says_then_restores_from_run_cache(flow_project
     assert outcomes["sft"] == SKIPPED
 
 
-def experiment_commit(project, name: str) -> str:
-    refs = subprocess.run(
-        ["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    return next(line.split()[0] for line in refs if line.endswith("/" + name))
-
-
 def test_failing_stage_fails_the_flow_with_its_message_and_rerun_resumes_there(flow_project):
-    project, _ = flow_project
+    project = flow_project
     pairs = project / "data" / "incoming" / "r2.jsonl"
     good = (project / "data" / "builtin" / "pairs_r2.jsonl").read_text().splitlines()[:3]
     bad_line = len(good) + 1
@@ -156,7 +140,7 @@ def test_failing_stage_fails_the_flow_with_its_message_and_rerun_resumes_there(f
 
 
 def test_bad_override_fails_before_any_stage_with_the_schema_message(flow_project):
-    project, _ = flow_project
+    project = flow_project
     params_before = (project / "params.yaml").read_text()
     state = run_flow(project, overrides={"dpo.beta": 0.2})
     assert state.is_failed()
@@ -167,7 +151,7 @@ def test_bad_override_fails_before_any_stage_with_the_schema_message(flow_projec
 
 
 def test_next_round_appends_a_round_and_runs_its_onpolicy_chain_only(flow_project):
-    project, _ = flow_project
+    project = flow_project
     state = run_flow(project, next_round=True)
     assert state.is_completed(), state.message
     active = {name for name, outcome in state.result()["stages"].items() if outcome != SKIPPED}

@@ -1,15 +1,17 @@
-"""The flow's mechanics on a tiny shell-command DAG (seconds, no models): retries, logs, ordering, reports."""
+"""The flow's mechanics on tiny shell-command DAGs (seconds, no models): ordering, retries, logs, reports."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import networkx as nx
 import pytest
 from conftest import ROOT, run
 
-from flows.dvc_project import RAN, SKIPPED
+from flows.dvc_project import RAN, SKIPPED, experiment_commits, read_graph
 from flows.pipeline import sft_dpo
 from flows.reports import changed_params, eval_summary_rows, guard_warnings
 
@@ -32,17 +34,63 @@ stages:
 """
 
 
+# A diamond (source -> left, right -> each round) and a foreach over params.yaml's rounds, like the pipeline's DAG.
+DIAMOND_DAG = r"""
+stages:
+  source:
+    cmd: echo base > source.txt
+    outs: [source.txt]
+  left:
+    cmd: cp source.txt left.txt
+    deps: [source.txt]
+    outs: [left.txt]
+  right:
+    cmd: cp source.txt right.txt
+    deps: [source.txt]
+    outs: [right.txt]
+  round:
+    foreach: ${dpo.rounds}
+    do:
+      cmd: cat left.txt right.txt > round_${key}.txt
+      deps: [left.txt, right.txt]
+      outs: ["round_${key}.txt"]
+  report:
+    cmd: >-
+      mkdir -p metrics && cat round_r1.txt round_r2.txt > /dev/null
+      && echo '{"sft": {"accuracy": 0.5}}' > metrics/eval.json
+    deps: [round_r1.txt, round_r2.txt]
+    metrics: [metrics/eval.json: {cache: false}]
+"""
+
+
+def make_shell_project(folder: Path, dag: str) -> Path:
+    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    shutil.copytree(ROOT / "data" / "builtin", folder / "data" / "builtin")
+    (folder / "dvc.yaml").write_text(dag)
+    (folder / ".gitignore").write_text(".attempted\n")
+    run(["git", "init", "-q"], folder)
+    run([sys.executable, "-m", "dvc", "init", "-q"], folder)
+    run(["git", "add", "-A"], folder)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], folder)
+    return folder
+
+
 @pytest.fixture
 def shell_project(tmp_path):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(ROOT / "data" / "builtin", tmp_path / "data" / "builtin")
-    (tmp_path / "dvc.yaml").write_text(SHELL_DAG)
-    (tmp_path / ".gitignore").write_text(".attempted\n")
-    run(["git", "init", "-q"], tmp_path)
-    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
-    run(["git", "add", "-A"], tmp_path)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], tmp_path)
-    return tmp_path
+    return make_shell_project(tmp_path, SHELL_DAG)
+
+
+def test_flow_runs_every_stage_of_the_dag_in_dependency_order(harness, tmp_path):
+    project = make_shell_project(tmp_path, DIAMOND_DAG)
+    outcomes = sft_dpo(project=str(project))["stages"]
+    graph = read_graph(project)
+    assert list(outcomes) == graph.order and set(outcomes.values()) == {RAN}
+    position = {name: index for index, name in enumerate(outcomes)}
+    for name, upstream in graph.upstream.items():
+        assert all(position[before] < position[name] for before in upstream), name
+    dependencies = nx.DiGraph([(before, name) for name, ups in graph.upstream.items() for before in ups])
+    assert nx.is_directed_acyclic_graph(dependencies) and {"left", "right", "round@r2", "report"} <= set(dependencies)
+    assert graph.upstream["round@r1"] == {"left", "right"} and graph.upstream["report"] == {"round@r1", "round@r2"}
 
 
 def test_transient_failure_is_retried_and_stage_output_reaches_the_logs(harness, shell_project, caplog):
@@ -68,25 +116,15 @@ def test_experiment_needs_no_configured_git_identity(harness, shell_project, mon
     result = sft_dpo(
         project=str(shell_project), overrides={"orchestration.retries": 1, "orchestration.retry_delay_seconds": 0}
     )
+    commit = experiment_commits(shell_project)[result["experiment"]]
     author = subprocess.run(
-        ["git", "log", "-1", "--format=%an", f"refs/exps/{experiment_ref(shell_project)}"],
+        ["git", "log", "-1", "--format=%an", commit],
         cwd=shell_project,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
     assert result["experiment"] and author == "sft-dpo flow"
-
-
-def experiment_ref(project) -> str:
-    refs = subprocess.run(
-        ["git", "for-each-ref", "--format=%(refname:lstrip=2)", "refs/exps/"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    return next(ref for ref in refs if not ref.startswith("exec/"))
 
 
 def test_eval_summary_shows_change_since_previous_run():

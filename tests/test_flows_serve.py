@@ -12,7 +12,9 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, copy_project
+
+from flows.serve import alive
 
 
 def free_port() -> int:
@@ -21,17 +23,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
-def served(flow_project, tmp_path_factory):
-    project, _ = flow_project
+def served(pipeline, tmp_path_factory):
+    project = copy_project(pipeline, tmp_path_factory.mktemp("served") / "project")
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {

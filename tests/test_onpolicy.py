@@ -1,15 +1,14 @@
 """The on-policy round stages: tasks/prompts.py, generate.py (+ generation.py), judge.py, pairs.py, gate.py.
 
-Unit checks first, then the stages on the micro pipeline's SFT policy, then a DVC project with a
-planted regression: the gate refuses it, the next round starts from the last promoted policy, a
-round killed mid-generation resumes, and an appended round re-runs only itself and what follows.
+Unit checks first, then the stages on the micro pipeline's SFT policy, then DVC projects: with a
+planted regression the gate refuses it and the next round starts from the last promoted policy; a
+round killed mid-generation resumes; an appended round re-runs only itself and what follows.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import make_project, micro, read_json, run
+from conftest import dvc, edit_params, project_env, read_json, read_params
 
 from tasks.lib.errors import DataError
 from tasks.lib.files import load_records, write_records
@@ -27,6 +25,7 @@ from tasks.lib.schema import JudgeParams, PairParams
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "What is 3 plus 4?"}]
+ROUND_STAGES = ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval", "gate", "lineage")
 
 
 def test_round_slices_do_not_reuse_prompts_until_the_pool_runs_out():
@@ -187,20 +186,6 @@ def test_reward_model_judge_scores_with_a_local_sequence_classifier(pipeline, tm
     assert row["scores"][0] == pytest.approx(direct, abs=1e-4)
 
 
-def destructive(params: dict) -> None:
-    """A planted regression: DPO steps far too large for the model."""
-    micro(params)
-    params["dpo"]["train"]["learning_rate"] = 0.05
-    params["dpo"]["train"]["max_steps"] = 10
-
-
-@pytest.fixture(scope="module")
-def regressed(pipeline, tmp_path_factory) -> tuple[Path, str]:
-    """A micro project whose rounds regress (stages without persistent outputs come from the pipeline's run-cache)."""
-    project = make_project(tmp_path_factory.mktemp("regressed"), destructive, cache=pipeline / ".dvc" / "cache")
-    return project, run([sys.executable, "-m", "dvc", "repro"], project).stdout
-
-
 def test_gate_refuses_the_regression_and_the_next_round_starts_from_the_last_promoted_policy(regressed):
     from tasks.lib.hashing import file_digest
 
@@ -217,68 +202,45 @@ def test_gate_refuses_the_regression_and_the_next_round_starts_from_the_last_pro
     assert "refused" in log and "kept sft" in log
 
 
-def test_round_killed_mid_generation_resumes_under_dvc_repro(regressed, tmp_path):
+def test_round_killed_mid_generation_resumes_under_dvc_repro(project_copy, tmp_path):
+    """Small batches (one prompt each) so the kill lands mid-generation; only generate@r1 is reproduced."""
     from tasks.generate import generate_round
 
-    project, _ = regressed
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["onpolicy"]["generate"]["seed"] = 7
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    batches = project / "checkpoints" / "generate_r1"
-    shutil.rmtree(batches)  # the previous seed's batches; the stage would discard them anyway
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "DVC_SITE_CACHE_DIR": str(project / ".dvc" / "site_cache"),
-    }
+    def reseed(params):
+        params["onpolicy"]["generate"].update(seed=7, batch_size=params["onpolicy"]["generate"]["samples_per_prompt"])
+
+    edit_params(project_copy, reseed)
+    batches = project_copy / "checkpoints" / "generate_r1"
     repro = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro"],
-        cwd=project,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+        [sys.executable, "-m", "dvc", "repro", "generate@r1"], cwd=project_copy, env=project_env(project_copy),
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
     deadline = time.monotonic() + 120
     while len(list(batches.glob("0*.jsonl"))) < 3 and time.monotonic() < deadline and repro.poll() is None:
-        time.sleep(0.1)
+        time.sleep(0.05)
     os.killpg(repro.pid, signal.SIGKILL)
     repro.wait()
     finished_before_kill = len(list(batches.glob("0*.jsonl")))
-    settings = params["onpolicy"]["generate"]
-    per_call = max(1, settings["batch_size"] // settings["samples_per_prompt"])
-    total = -(-len(load_records(project / "data" / "rounds" / "r1" / "prompts.jsonl")) // per_call)
+    total = len(load_records(project_copy / "data" / "rounds" / "r1" / "prompts.jsonl"))  # one prompt a batch
     assert 3 <= finished_before_kill < total, "the kill should land mid-generation"
 
-    log = run([sys.executable, "-m", "dvc", "repro"], project).stdout
-    summary = read_json(project / "metrics" / "rounds" / "r1" / "generate.json")
+    log = dvc(project_copy, "repro", "generate@r1").stdout
+    summary = read_json(project_copy / "metrics" / "rounds" / "r1" / "generate.json")
     assert summary["resumed_batches"] >= finished_before_kill and "batches resumed" in log
 
-    fresh = load_params(project / "params.yaml")
-    generate_round(
-        fresh,
-        project / "models" / "policies" / "sft",
-        project / "data" / "rounds" / "r1" / "prompts.jsonl",
-        tmp_path / "uninterrupted.jsonl",
-        tmp_path / "ckpt",
-        tmp_path / "m.json",
-    )
-    resumed = project / "data" / "rounds" / "r1" / "generations.jsonl"
-    assert resumed.read_text() == (tmp_path / "uninterrupted.jsonl").read_text()
+    fresh = load_params(project_copy / "params.yaml")
+    rounds = project_copy / "data" / "rounds" / "r1"
+    generate_round(fresh, project_copy / "models" / "policies" / "sft", rounds / "prompts.jsonl",
+                   tmp_path / "uninterrupted.jsonl", tmp_path / "ckpt", tmp_path / "m.json")  # fmt: skip
+    assert (rounds / "generations.jsonl").read_text() == (tmp_path / "uninterrupted.jsonl").read_text()
 
 
-def test_adding_round_three_reruns_only_round_three_and_what_follows(regressed):
-    project, _ = regressed
-    run([sys.executable, "-m", "dvc", "repro"], project)  # settle whatever an earlier test left pending
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["dpo"]["rounds"]["r3"] = {"previous": "r2", "reference": "sft"}
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    log = run([sys.executable, "-m", "dvc", "repro"], project).stdout
+def test_adding_round_three_reruns_only_round_three_and_what_follows(project_copy):
+    edit_params(project_copy, lambda params: params["dpo"]["rounds"].update(r3={"previous": "r2", "reference": "sft"}))
+    log = dvc(project_copy, "repro").stdout
     ran = set(re.findall(r"Running stage '([^']+)'", log))
-    chain = {
-        f"{stage}@r3"
-        for stage in ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval", "gate", "lineage")
-    }
+    chain = {f"{stage}@r3" for stage in ROUND_STAGES}
     assert chain <= ran <= chain | {"merge", "eval_merged", "report"}
-    prompts = read_json(project / "metrics" / "rounds" / "r3" / "prompts.json")
-    assert prompts["pool_exhausted"] and prompts["reused_prompts"] == 160 and "prompt pool is exhausted" in log
+    prompts = read_json(project_copy / "metrics" / "rounds" / "r3" / "prompts.json")
+    per_round = read_params(project_copy)["onpolicy"]["prompts"]["per_round"]
+    assert prompts["pool_exhausted"] and prompts["reused_prompts"] == per_round and "prompt pool is exhausted" in log

@@ -29,7 +29,7 @@ def base(tmp_path_factory) -> Path:
     from tasks.base import build_base
 
     out = tmp_path_factory.mktemp("base") / "base"
-    build_base(load_params(ROOT / "params.yaml").model, ROOT / "data/builtin/sft.jsonl", out)
+    build_base(load_params(ROOT / "params.yaml"), ROOT / "data/builtin/sft.jsonl", out)
     return out
 
 

@@ -1,31 +1,39 @@
-"""Every stage's command-line tail: arguments, params validation, the `--round` check, bad-input exits.
+"""Every stage's command line, derived from the signature of the function that does its work.
 
-A stage module declares its paths and hands its work function to `stage_main`:
+A stage module ends with
 
-    def main(argv=None):
-        stage_main(__doc__, run, argv, paths={"--out": "where the model goes"}, takes_round=True)
+    if __name__ == "__main__":
+        stage_main(train_round)
 
-`run(params, args)` does the work and prints its summary. Bad input (invalid params, an unknown
-round, a `DataError`) ends the process with one clear message on stderr and exit status 2, which
-the Prefect flow does not retry: retrying cannot fix an input.
+and `python -m tasks.dpo --help` lists one flag per parameter of `train_round`: `params` becomes
+`--params` (params.yaml, validated before any work), `round_name` becomes `--round` (checked against
+`dpo.rounds`), a `Path` a required `--flag`, a `Path | None` an optional one, a `bool` a switch.
+Each flag's help is the parameter's line in the function's `Args:` docstring section, so the
+function's documentation and its command line cannot drift apart.
+
+Bad input (invalid params, an unknown round, a `BadInput` such as `DataError`) ends the process with
+one clear message on stderr and exit status 2, which the Prefect flow does not retry: retrying
+cannot fix an input.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from tasks.lib.errors import DataError
+from tasks.lib.errors import BadInput
 from tasks.lib.params import ParamsError, load_params
-from tasks.lib.schema import Params
 
 BAD_INPUT_EXIT = 2
 """Exit status of a stage refused its input (params, data, arguments): retrying cannot help."""
-
-StageWork = Callable[[Params, argparse.Namespace], None]
+ROUND_PARAMETER = "round_name"
+PARAMS_PARAMETER = "params"
 
 
 def exit_bad_input(message: str) -> NoReturn:
@@ -34,38 +42,66 @@ def exit_bad_input(message: str) -> NoReturn:
     sys.exit(BAD_INPUT_EXIT)
 
 
-def stage_main(
-    description: str | None,
-    work: StageWork,
-    argv: Sequence[str] | None = None,
-    *,
-    paths: dict[str, str],
-    optional_paths: dict[str, str] | None = None,
-    takes_round: bool = False,
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-) -> None:
-    """Parse the stage's arguments, validate params.yaml, then run `work`; bad input exits with status 2.
+def argument_help(work: Callable[..., Any]) -> dict[str, str]:
+    """`name: text` lines of the `Args:` section of a Google-style docstring (continuation lines joined)."""
+    helps: dict[str, str] = {}
+    section = (inspect.getdoc(work) or "").partition("Args:")[2]
+    current = None
+    for line in section.splitlines():
+        entry = re.match(r"^    (\w+): (.*)$", line)
+        if entry:
+            current = entry.group(1)
+            helps[current] = entry.group(2)
+        elif current and line.startswith("      "):
+            helps[current] += " " + line.strip()
+        elif line.strip():
+            break  # the next docstring section
+    return helps
 
-    `paths` are required path arguments (`{"--out": help}`); `optional_paths` default to None.
+
+def _flag(name: str) -> str:
+    return "--round" if name == ROUND_PARAMETER else "--" + name.replace("_", "-")
+
+
+def build_parser(work: Callable[..., Any]) -> argparse.ArgumentParser:
+    module_doc = sys.modules[work.__module__].__doc__
+    parser = argparse.ArgumentParser(description=module_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = argument_help(work)
+    hints = typing.get_type_hints(work)
+    for name in inspect.signature(work).parameters:
+        hint, help_text = hints.get(name), helps.get(name)
+        if name == PARAMS_PARAMETER:
+            parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the pipeline's params file")
+        elif name == ROUND_PARAMETER:
+            parser.add_argument(
+                "--round", dest=name, metavar="ROUND", required=True, help="round name, a key of dpo.rounds"
+            )
+        elif hint is bool:
+            parser.add_argument(_flag(name), dest=name, action="store_true", help=help_text)
+        elif hint == Path | None:
+            parser.add_argument(_flag(name), dest=name, type=Path, default=None, help=help_text)
+        elif hint is Path:
+            parser.add_argument(_flag(name), dest=name, type=Path, required=True, help=help_text)
+        else:
+            raise TypeError(f"{work.__qualname__}: parameter {name} ({hint}) has no command-line form")
+    return parser
+
+
+def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> None:
+    """Parse the command line `work`'s signature describes, validate params.yaml, call `work`.
+
+    Bad input exits with status 2 and its message; anything else propagates (a traceback, exit status 1).
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the pipeline's params file")
-    if takes_round:
-        parser.add_argument("--round", required=True, help="round name, a key of dpo.rounds")
-    for flag, help_text in paths.items():
-        parser.add_argument(flag, type=Path, required=True, help=help_text)
-    for flag, help_text in (optional_paths or {}).items():
-        parser.add_argument(flag, type=Path, default=None, help=help_text)
-    if add_arguments is not None:
-        add_arguments(parser)
-    args = parser.parse_args(argv)
+    arguments = vars(build_parser(work).parse_args(argv))
     try:
-        params = load_params(args.params)
+        params = load_params(arguments[PARAMS_PARAMETER])
     except ParamsError as error:
         exit_bad_input(f"invalid params:\n{error}")
-    if takes_round and args.round not in params.dpo.rounds:
-        exit_bad_input(f"--round {args.round}: not a key of dpo.rounds ({', '.join(params.dpo.rounds)})")
+    arguments[PARAMS_PARAMETER] = params
+    round_name = arguments.get(ROUND_PARAMETER)
+    if round_name is not None and round_name not in params.dpo.rounds:
+        exit_bad_input(f"--round {round_name}: not a key of dpo.rounds ({', '.join(params.dpo.rounds)})")
     try:
-        work(params, args)
-    except DataError as error:
-        exit_bad_input(f"bad data:\n{error}")
+        work(**arguments)
+    except BadInput as error:
+        exit_bad_input(f"{error.kind}:\n{error}")

@@ -1,0 +1,64 @@
+"""tasks/lib/stage.py: every stage's command line comes from its work function; bad input exits 2 and writes nothing."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.lib.stage import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = sorted(path.stem for path in (ROOT / "tasks").glob("*.py") if path.stem != "__init__")
+HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "lm_eval", "bitsandbytes")
+
+
+def stage_work(stage: str):
+    """The function a stage module hands to stage_main when run as `python -m tasks.<stage>`."""
+    module = importlib.import_module(f"tasks.{stage}")
+    source = Path(module.__file__).read_text()
+    name = source.rsplit("stage_main(", 1)[-1].split(")")[0].strip()
+    return getattr(module, name)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_flag_has_help_from_the_work_functions_docstring(stage):
+    parser = build_parser(stage_work(stage))
+    options = [action for action in parser._actions if action.option_strings and action.dest != "help"]
+    assert any(action.dest == "params" for action in options)
+    undocumented = [action.option_strings[0] for action in options if not action.help]
+    assert not undocumented, f"tasks/{stage}.py: add these to the Args: section of its work function: {undocumented}"
+
+
+def test_importing_every_stage_loads_no_heavy_library():
+    """`--help` and params validation stay fast: heavy libraries load inside the work functions."""
+    imports = ", ".join(f"tasks.{stage}" for stage in STAGES)
+    code = f"import sys; import {imports}; print([m for m in {HEAVY!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert loaded.strip() == "[]"
+
+
+def stage(arguments: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *arguments], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_unknown_round_exits_2_naming_the_rounds(tmp_path):
+    out = tmp_path / "prompts.jsonl"
+    result = stage(["tasks.prompts", "--round", "r9", "--pool", "data/builtin/prompts.jsonl", "--incoming",
+                    "data/incoming", "--out", str(out), "--incoming-out", str(tmp_path / "i.jsonl"),
+                    "--report", str(tmp_path / "r.json")])  # fmt: skip
+    assert result.returncode == 2 and "--round r9: not a key of dpo.rounds (r1, r2)" in result.stderr
+    assert not out.exists()
+
+
+def test_bad_data_exits_2_with_file_and_line(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"prompt": "What is 1 plus 2?"}\n{"question": "no prompt"}\n')
+    out = tmp_path / "prompts.jsonl"
+    outputs = ["--out", str(out), "--incoming-out", str(tmp_path / "i.jsonl"), "--report", str(tmp_path / "r.json")]
+    result = stage(["tasks.prompts", "--round", "r1", "--pool", str(pool), "--incoming", str(tmp_path), *outputs])
+    assert result.returncode == 2 and result.stderr.startswith("bad data:") and f"{pool}:2:" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
