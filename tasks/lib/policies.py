@@ -9,6 +9,7 @@ Heavy libraries are imported inside functions: stages that only validate or hash
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,16 @@ BASE_SOURCE_FILE = "source.json"
 """In a base folder: the hub id or folder to load, when the base is not built locally."""
 ADAPTER_DIR = "adapter"
 PROMOTION_FILE = "promotion.json"
+
+
+def skip_bitsandbytes_unless_quantized(model: ModelParams) -> None:
+    """Keep bitsandbytes out of a process that does not quantize.
+
+    peft and TRL import it whenever it is installed, which costs seconds per stage process on a CPU
+    machine; a `None` entry in `sys.modules` makes them see it as absent (Python's own convention).
+    """
+    if model.quantization == "none" and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None
 
 
 def is_builtin(model: ModelParams) -> bool:

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 from tasks.lib.errors import BadInput
 from tasks.lib.params import ParamsError, load_params
+from tasks.lib.policies import skip_bitsandbytes_unless_quantized
 
 BAD_INPUT_EXIT = 2
 """Exit status of a stage refused its input (params, data, arguments): retrying cannot help."""
@@ -98,6 +99,7 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
     except ParamsError as error:
         exit_bad_input(f"invalid params:\n{error}")
     arguments[PARAMS_PARAMETER] = params
+    skip_bitsandbytes_unless_quantized(params.model)
     round_name = arguments.get(ROUND_PARAMETER)
     if round_name is not None and round_name not in params.dpo.rounds:
         exit_bad_input(f"--round {round_name}: not a key of dpo.rounds ({', '.join(params.dpo.rounds)})")
