@@ -13,6 +13,11 @@ import argparse
 import time
 from pathlib import Path
 
+from tasks.lib.chat import render
+from tasks.lib.files import load_records
+from tasks.lib.generation import open_backend
+from tasks.lib.params import load_params
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,11 +42,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-
-    from tasks.lib.chat import render
-    from tasks.lib.files import load_records
-    from tasks.lib.generation import open_backend
-    from tasks.lib.params import load_params
 
     params = load_params(args.params)
     settings = params.onpolicy.generate

@@ -20,6 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tasks.lib.params import load_params
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = ("sft-dpo", "next-round")
 STARTUP_TIMEOUT_S = 90
@@ -119,10 +121,10 @@ def _stop_process(pid: int, name: str, process: subprocess.Popen | None = None, 
 
 
 def _deployments(project: Path):
+    # Prefect (through flows.pipeline) is imported here, not at the top: `--stop` and `--help` do not need it.
     from prefect.schedules import Cron
 
     from flows.pipeline import PARAMS_FILE, sft_dpo
-    from tasks.lib.params import load_params
 
     plan = load_params(project / PARAMS_FILE).orchestration.next_round
     schedules = [Cron(plan.cron, timezone=plan.timezone)] if plan.cron else []
