@@ -41,8 +41,10 @@ demo: $(STAMP)
 	@echo
 	@$(BIN)/python -m tasks.report --params params.yaml --print-only
 
+# Two pytest-xdist workers (the suite builds one micro pipeline and shares it; see tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 # ruff: lint rules and formatting (pyproject.toml); `make format` rewrites, `make lint` only checks.
 lint: $(STAMP)

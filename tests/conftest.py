@@ -127,14 +127,88 @@ def copy_project(source: Path, target: Path) -> Path:
     return target
 
 
+# A diamond (source -> left, right -> each round) and a foreach over params.yaml's rounds, like the pipeline's DAG.
+DIAMOND_DAG = r"""
+stages:
+  source:
+    cmd: echo base > source.txt
+    outs: [source.txt]
+  left:
+    cmd: cp source.txt left.txt
+    deps: [source.txt]
+    outs: [left.txt]
+  right:
+    cmd: cp source.txt right.txt
+    deps: [source.txt]
+    outs: [right.txt]
+  round:
+    foreach: ${dpo.rounds}
+    do:
+      cmd: cat left.txt right.txt > round_${key}.txt
+      deps: [left.txt, right.txt]
+      outs: ["round_${key}.txt"]
+  report:
+    cmd: >-
+      mkdir -p metrics && cat round_r1.txt round_r2.txt > /dev/null
+      && echo '{"sft": {"accuracy": 0.5}}' > metrics/eval.json
+    deps: [round_r1.txt, round_r2.txt]
+    metrics: [metrics/eval.json: {cache: false}]
+"""
+
+
+def make_shell_project(folder: Path, dag: str) -> Path:
+    """A git + DVC project whose dvc.yaml is `dag` (shell commands, no models) beside the real params.yaml."""
+    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    shutil.copytree(ROOT / "data" / "builtin", folder / "data" / "builtin")
+    (folder / "dvc.yaml").write_text(dag)
+    (folder / ".gitignore").write_text(".attempted\n")
+    run(["git", "init", "-q"], folder)
+    dvc(folder, "init", "-q")
+    commit_all(folder, "init")
+    return folder
+
+
+def shared_folder(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this session sees (each worker's base temp sits inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], str]) -> tuple[Path, str]:
+    """`build(folder)` run by the first worker that needs it, under a file lock; the others wait and reuse it.
+
+    Returns the folder and what `build` returned (kept in a file beside it).
+    """
+    from filelock import FileLock
+
+    root = shared_folder(tmp_path_factory)
+    folder, log = root / name, root / f"{name}.log"
+    with FileLock(str(root / f"{name}.lock")):
+        if not log.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed part-way
+            folder.mkdir()
+            log.write_text(build(folder))
+    return folder, log.read_text()
+
+
+def _reproduced_micro_pipeline(folder: Path) -> str:
+    make_project(folder)
+    log = dvc(folder, "repro").stdout
+    commit_all(folder, "micro pipeline reproduced")  # dvc.lock, so a copy's experiments start from it
+    return log
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Path:
     """The micro pipeline reproduced once from scratch; tests read its outputs and never change them."""
-    project = make_project(tmp_path_factory.mktemp("pipeline"))
-    result = dvc(project, "repro")
-    (project / "first_repro.log").write_text(result.stdout)
-    commit_all(project, "micro pipeline reproduced")  # dvc.lock, so a copy's experiments start from it
+    project, _ = built_once(tmp_path_factory, "pipeline", _reproduced_micro_pipeline)
     return project
+
+
+@pytest.fixture(scope="session")
+def pipeline_log(pipeline, tmp_path_factory) -> str:
+    """What `dvc repro` printed when it built the micro pipeline."""
+    return built_once(tmp_path_factory, "pipeline", _reproduced_micro_pipeline)[1]
 
 
 @pytest.fixture
@@ -165,6 +239,22 @@ def regressed(pipeline, tmp_path_factory) -> tuple[Path, str]:
 
     Only DPO settings changed, so DVC re-runs each round's dpo and what depends on it; tests read it.
     """
-    project = copy_project(pipeline, tmp_path_factory.mktemp("regressed") / "project")
-    edit_params(project, destructive)
-    return project, dvc(project, "repro").stdout
+
+    def build(folder: Path) -> str:
+        copy_project(pipeline, folder / "project")
+        edit_params(folder / "project", destructive)
+        return dvc(folder / "project", "repro").stdout
+
+    folder, log = built_once(tmp_path_factory, "regressed", build)
+    return folder / "project", log
+
+
+NEEDS_PIPELINE = {"pipeline", "pipeline_log", "project_copy", "regressed"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order for two workers: one test that builds the micro pipeline first, then every test that does not need
+    it (the other worker runs them meanwhile), then the rest of the pipeline's tests."""
+    needs = [item for item in items if NEEDS_PIPELINE & set(getattr(item, "fixturenames", ()))]
+    rest = [item for item in items if item not in needs]
+    items[:] = needs[:1] + rest + needs[1:]

@@ -1,15 +1,14 @@
-"""The flow's mechanics on tiny shell-command DAGs (seconds, no models): ordering, retries, logs, reports."""
+"""The flow's mechanics on tiny shell-command DAGs (seconds, no models): ordering, next round, retries, logs,
+reports."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import networkx as nx
 import pytest
-from conftest import ROOT, run
+import yaml
+from conftest import DIAMOND_DAG, make_shell_project
 
 from flows.dvc_project import RAN, SKIPPED, experiment_commits, read_graph
 from flows.pipeline import sft_dpo
@@ -34,47 +33,6 @@ stages:
 """
 
 
-# A diamond (source -> left, right -> each round) and a foreach over params.yaml's rounds, like the pipeline's DAG.
-DIAMOND_DAG = r"""
-stages:
-  source:
-    cmd: echo base > source.txt
-    outs: [source.txt]
-  left:
-    cmd: cp source.txt left.txt
-    deps: [source.txt]
-    outs: [left.txt]
-  right:
-    cmd: cp source.txt right.txt
-    deps: [source.txt]
-    outs: [right.txt]
-  round:
-    foreach: ${dpo.rounds}
-    do:
-      cmd: cat left.txt right.txt > round_${key}.txt
-      deps: [left.txt, right.txt]
-      outs: ["round_${key}.txt"]
-  report:
-    cmd: >-
-      mkdir -p metrics && cat round_r1.txt round_r2.txt > /dev/null
-      && echo '{"sft": {"accuracy": 0.5}}' > metrics/eval.json
-    deps: [round_r1.txt, round_r2.txt]
-    metrics: [metrics/eval.json: {cache: false}]
-"""
-
-
-def make_shell_project(folder: Path, dag: str) -> Path:
-    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
-    shutil.copytree(ROOT / "data" / "builtin", folder / "data" / "builtin")
-    (folder / "dvc.yaml").write_text(dag)
-    (folder / ".gitignore").write_text(".attempted\n")
-    run(["git", "init", "-q"], folder)
-    run([sys.executable, "-m", "dvc", "init", "-q"], folder)
-    run(["git", "add", "-A"], folder)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], folder)
-    return folder
-
-
 @pytest.fixture
 def shell_project(tmp_path):
     return make_shell_project(tmp_path, SHELL_DAG)
@@ -91,6 +49,19 @@ def test_flow_runs_every_stage_of_the_dag_in_dependency_order(harness, tmp_path)
     dependencies = nx.DiGraph([(before, name) for name, ups in graph.upstream.items() for before in ups])
     assert nx.is_directed_acyclic_graph(dependencies) and {"left", "right", "round@r2", "report"} <= set(dependencies)
     assert graph.upstream["round@r1"] == {"left", "right"} and graph.upstream["report"] == {"round@r1", "round@r2"}
+
+
+def test_next_round_appends_a_round_and_runs_only_its_stages(harness, tmp_path):
+    """The flow appends r3 to params.yaml (kept once the run succeeds) and DVC runs r3's stages only."""
+    project = make_shell_project(tmp_path, DIAMOND_DAG)
+    sft_dpo(project=str(project))
+    state = sft_dpo(project=str(project), next_round=True, return_state=True)
+    assert state.is_completed(), state.message
+    active = {name for name, outcome in state.result()["stages"].items() if outcome != SKIPPED}
+    assert active == {"round@r3"}
+    rounds = yaml.safe_load((project / "params.yaml").read_text())["dpo"]["rounds"]
+    assert list(rounds) == ["r1", "r2", "r3"] and rounds["r3"] == {"previous": "r2", "reference": "sft"}
+    assert (project / "round_r3.txt").exists()
 
 
 def test_transient_failure_is_retried_and_stage_output_reaches_the_logs(harness, shell_project, caplog):

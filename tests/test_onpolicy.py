@@ -117,20 +117,22 @@ def round_prompts(pipeline: Path, tmp_path: Path, count: int) -> Path:
 def test_generation_is_deterministic_under_a_seed_and_resumes_batch_by_batch(pipeline, tmp_path):
     from tasks.generate import generate_round
 
-    params = load_params(pipeline / "params.yaml", {"onpolicy.generate.batch_size": 16})
+    samples = load_params(pipeline / "params.yaml").onpolicy.generate.samples_per_prompt
+    two_prompts_a_batch = {"onpolicy.generate.batch_size": 2 * samples}
+    params = load_params(pipeline / "params.yaml", two_prompts_a_batch)
     policy, prompts = pipeline / "models" / "policies" / "sft", round_prompts(pipeline, tmp_path, 10)
     first = generate_round(params, policy, prompts, tmp_path / "a.jsonl", tmp_path / "ckpt_a", tmp_path / "a.json")
     generate_round(params, policy, prompts, tmp_path / "b.jsonl", tmp_path / "ckpt_b", tmp_path / "b.json")
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     rows = load_records(tmp_path / "a.jsonl")
-    assert first["batches"] == 5 and len(rows) == 10 and all(len(row["responses"]) == 8 for row in rows)
+    assert first["batches"] == 5 and len(rows) == 10 and all(len(row["responses"]) == samples for row in rows)
     assert first["new_tokens"] > 0 and first["resumed_batches"] == 0
 
     (tmp_path / "ckpt_a" / "000003.jsonl").unlink()
     resumed = generate_round(params, policy, prompts, tmp_path / "c.jsonl", tmp_path / "ckpt_a", tmp_path / "c.json")
     assert resumed["resumed_batches"] == 4 and (tmp_path / "c.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
 
-    reseeded = load_params(pipeline / "params.yaml", {"onpolicy.generate.batch_size": 16, "onpolicy.generate.seed": 1})
+    reseeded = load_params(pipeline / "params.yaml", {**two_prompts_a_batch, "onpolicy.generate.seed": 1})
     generate_round(reseeded, policy, prompts, tmp_path / "d.jsonl", tmp_path / "ckpt_a", tmp_path / "d.json")
     assert (tmp_path / "d.jsonl").read_text() != (tmp_path / "a.jsonl").read_text()
 
@@ -236,7 +238,11 @@ def test_round_killed_mid_generation_resumes_under_dvc_repro(project_copy, tmp_p
 
 
 def test_adding_round_three_reruns_only_round_three_and_what_follows(project_copy):
-    edit_params(project_copy, lambda params: params["dpo"]["rounds"].update(r3={"previous": "r2", "reference": "sft"}))
+    """The round the `next-round` flow appends (flows.params_file.extended_rounds) runs its real on-policy chain."""
+    from flows.params_file import extended_rounds
+
+    rounds = extended_rounds(load_params(project_copy / "params.yaml"), 3)
+    edit_params(project_copy, lambda params: params["dpo"].update(rounds=rounds))
     log = dvc(project_copy, "repro").stdout
     ran = set(re.findall(r"Running stage '([^']+)'", log))
     chain = {f"{stage}@r3" for stage in ROUND_STAGES}
@@ -244,3 +250,4 @@ def test_adding_round_three_reruns_only_round_three_and_what_follows(project_cop
     prompts = read_json(project_copy / "metrics" / "rounds" / "r3" / "prompts.json")
     per_round = read_params(project_copy)["onpolicy"]["prompts"]["per_round"]
     assert prompts["pool_exhausted"] and prompts["reused_prompts"] == per_round and "prompt pool is exhausted" in log
+    assert read_json(project_copy / "metrics" / "rounds" / "r3" / "lineage.json")["round"] == "r3"

@@ -9,15 +9,15 @@ import sys
 
 import pytest
 import yaml
-from conftest import dvc, read_json, run
+from conftest import dvc, read_json, read_params, run
 
 
 def stages_run(log: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", log))
 
 
-def test_every_stage_ran(pipeline):
-    ran = stages_run((pipeline / "first_repro.log").read_text())
+def test_every_stage_ran(pipeline_log):
+    ran = stages_run(pipeline_log)
     rounds = {
         f"{stage}@{name}"
         for name in ("r1", "r2")
@@ -70,9 +70,9 @@ def test_lineage_ties_each_round_together_by_content_hash(pipeline):
     assert lineage["prompts"]["sha256"] == file_digest(pipeline / "data/rounds/r1/prompts.jsonl")
     assert lineage["pairs"]["sha256"] == file_digest(pipeline / "data/prepared/pairs/r1.jsonl")
     assert lineage["checkpoint"]["sha256"] == directory_digest(pipeline / "models/candidates/r1")
-    assert (
-        lineage["scores"]["judge"]["kind"] == "rule" and lineage["generations"]["sampling"]["samples_per_prompt"] == 8
-    )
+    samples = read_params(pipeline)["onpolicy"]["generate"]["samples_per_prompt"]
+    assert lineage["scores"]["judge"]["kind"] == "rule"
+    assert lineage["generations"]["sampling"]["samples_per_prompt"] == samples
     assert {"chosen_tokens_mean", "rejected_tokens_mean", "mean_score_gap"} <= set(lineage["pairs"])
     assert lineage["gate"]["promoted"] == read_json(pipeline / "metrics" / "eval" / "r1.json")["promoted"]
 
