@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from tasks.lib.files import atomic_path, write_json
-from tasks.lib.policies import BASE_SOURCE_FILE, is_builtin
+from tasks.lib.policies import BASE_SOURCE_FILE, is_builtin, scrub_saved_configs
 from tasks.lib.schema import BuiltinModelParams, Params
 from tasks.lib.stage import stage_main
 
@@ -118,6 +118,7 @@ def build_base(params: Params, corpus: Path, out: Path) -> None:
             network = build_model(tokenizer, model.builtin)
             network.save_pretrained(scratch)
             tokenizer.save_pretrained(scratch)
+            scrub_saved_configs(scratch)
             print(f"built-in base: {sum(p.numel() for p in network.parameters()):,} parameters, vocab {len(tokenizer)}")
 
 

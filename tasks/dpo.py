@@ -15,9 +15,9 @@ from pathlib import Path
 
 from tasks.lib.chat import render
 from tasks.lib.errors import QualityGateFailed
-from tasks.lib.files import atomic_path, load_records, write_json
+from tasks.lib.files import atomic_path, load_records, load_splits, write_json
 from tasks.lib.hashing import file_digest
-from tasks.lib.policies import ADAPTER_DIR, load_model, load_tokenizer, merge_adapter, save_policy, scrub_local_paths
+from tasks.lib.policies import ADAPTER_DIR, load_model, load_tokenizer, merge_adapter, save_policy, scrub_saved_configs
 from tasks.lib.schema import GuardParams, Params
 from tasks.lib.stage import stage_main
 from tasks.lib.training import (
@@ -128,15 +128,11 @@ def train_round(
         plots: per-step training curves (DVC plots file)
         metrics: the stage's metrics (losses, held-out rewards, collapse guard verdict)
     """
-    from datasets import load_dataset
-
     spec = params.dpo.rounds[round_name]
     lora = params.dpo.method == "lora"
     tokenizer = load_tokenizer(str(policy), params.model)
     model = load_model(str(policy), params.model, quantize=lora)
-    data = load_dataset(
-        "json", data_files={split: str(reference_logps / f"{split}.jsonl") for split in ("train", "eval")}
-    )
+    data = load_splits({split: reference_logps / f"{split}.jsonl" for split in ("train", "eval")})
     fingerprint = {
         "dpo": params.dpo.model_dump(mode="json", exclude={"rounds"}),
         "round": spec.model_dump(),
@@ -175,8 +171,8 @@ def train_round(
         else:
             merged = trainer.model
         save_policy(merged, tokenizer, scratch)
-        scrub_local_paths(scratch)
-        scrub_local_paths(scratch / ADAPTER_DIR)
+        scrub_saved_configs(scratch)
+        scrub_saved_configs(scratch / ADAPTER_DIR)
         prompts = [row["prompt"] for row in load_records(reference_logps / "eval.jsonl")][
             : params.dpo.guard.sanity_prompts
         ]
@@ -203,13 +199,14 @@ def train_round(
         "sanity_examples": sanity[:3],
         "quality": "failed-quality" if reasons else "ok",
         "guard_reasons": reasons,
-        "resumed_from": Path(resume).name if resume else None,
     }
     write_json(
         plots, [{"step": row["step"], **{k: row[k] for k in PLOTTED if k in row}} for row in history if "loss" in row]
     )
     write_json(metrics, summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "sanity_examples"}, indent=2))
+    if resume:
+        print(f"dpo@{round_name}: resumed from {Path(resume).name}")
     if reasons:
         shout(round_name, reasons)
         if params.dpo.guard.fail_run:

@@ -91,17 +91,19 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
         "mean_response_chars": round(sum(map(len, responses)) / len(responses), 2) if responses else 0.0,
         "new_tokens": new_tokens,
         "batches": len(batches),
+    }
+    write_json(metrics, summary)
+    # Timing and resumption are facts of this run, not of its result: printed and returned, not in the metrics.
+    run = {
         "resumed_batches": len(done & set(range(len(batches)))),
         "seconds": round(seconds, 3),
         "tokens_per_second": round(new_tokens / seconds, 1) if seconds > 0 and backend is not None else None,
     }
-    write_json(metrics, summary)
     print(
         f"generate: {summary['responses']} responses to {summary['prompts']} prompts, {summary['new_tokens']} tokens"
-        f" in {summary['seconds']:.1f} s ({summary['tokens_per_second']} tokens/s), "
-        f"{summary['resumed_batches']} batches resumed"
+        f" in {run['seconds']:.1f} s ({run['tokens_per_second']} tokens/s), {run['resumed_batches']} batches resumed"
     )
-    return summary
+    return {**summary, **run}
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ def round_lineage(name: str, files: dict[str, Path], reports: dict[str, Path]) -
                 "empty_responses",
                 "mean_response_chars",
                 "new_tokens",
-                "tokens_per_second",
             ),
         },
         "scores": {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasks.lib.files import atomic_path, read_json, write_json
 from tasks.lib.hashing import directory_digest, file_digest
-from tasks.lib.policies import PROMOTION_FILE, adapter_of, merge_adapter, scrub_local_paths, trained_round
+from tasks.lib.policies import PROMOTION_FILE, adapter_of, merge_adapter, scrub_saved_configs, trained_round
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 
@@ -134,7 +134,7 @@ def export_final(params: Params, policies: Path, reference_metrics: Path, out: P
         tokenizer.save_pretrained(scratch)
         (scratch / "README.md").write_text(model_card(params, lineage), encoding="utf-8")
         write_json(scratch / "lineage.json", lineage)
-        scrub_local_paths(scratch)
+        scrub_saved_configs(scratch)
     summary["sha256"] = directory_digest(out)
     write_json(metrics, summary)
     print(f"merge: {summary['round']} -> {out} (sha256 {summary['sha256'][:12]})")

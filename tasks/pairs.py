@@ -104,6 +104,7 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
     with atomic_path(out) as scratch:
         write_records(scratch, onpolicy + human)
         result = read_records(scratch, "pairs")
+        result.path = out  # bad lines are reported against the file the stage writes, not its scratch copy
         if not result.rows:
             raise DataError(
                 f"no preference pairs: {onpolicy_stats['ties_dropped']} of {onpolicy_stats['prompts']} "

@@ -26,16 +26,30 @@ def split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [rows[i] for i in train], [rows[i] for i in heldout]
 
 
-def prepare(params: Params, sft: Path, eval_pairs: Path, base: Path, out: Path, report: Path) -> dict:
+def prepare(
+    params: Params,
+    sft: Path,
+    eval_pairs: Path,
+    base: Path,
+    sft_train: Path,
+    sft_heldout: Path,
+    eval_pairs_out: Path,
+    report: Path,
+) -> dict:
     """Validate both inputs (all problems before any output), then write the splits and the report.
+
+    Each output is its own file, so a stage that reads only one of them (SFT reads the splits, evaluation
+    the held-out pairs) re-runs only when that one changes.
 
     Args:
         params: the pipeline's params
         sft: SFT data (JSON lines)
         eval_pairs: held-out preference pairs (JSON lines)
         base: base folder (its tokenizer measures lengths)
-        out: folder for sft_train, sft_heldout and eval_pairs (JSON lines)
-        report: the data report (DVC metric)
+        sft_train: the SFT rows trained on (JSON lines)
+        sft_heldout: the held-out SFT rows (JSON lines)
+        eval_pairs_out: the validated held-out pairs (JSON lines)
+        report: the data report (DVC metric), with every dropped line as file:line: reason
     """
     results = {"sft": read_records(sft, "sft"), "eval_pairs": read_records(eval_pairs, "pairs")}
     problems = []
@@ -64,17 +78,17 @@ def prepare(params: Params, sft: Path, eval_pairs: Path, base: Path, out: Path, 
             **token_length_report(results["eval_pairs"].rows, tokenizer, params.dpo.sequence.max_length),
         },
     }
-    with atomic_path(out) as scratch:
-        scratch.mkdir()
-        write_records(scratch / "sft_train.jsonl", train)
-        write_records(scratch / "sft_heldout.jsonl", heldout)
-        write_records(scratch / "eval_pairs.jsonl", results["eval_pairs"].rows)
+    for path, rows in ((sft_train, train), (sft_heldout, heldout), (eval_pairs_out, results["eval_pairs"].rows)):
+        with atomic_path(path) as scratch:
+            write_records(scratch, rows)
     write_json(report, summary)
     for name, section in summary.items():
         print(
             f"{name}: kept {section['kept']} of {section['lines']} lines, dropped {section['dropped']}, "
             f"duplicates {section['duplicates_removed']}, truncated {section['truncated_rows']}"
         )
+        for dropped in section["dropped_lines"]:
+            print(f"  dropped {dropped}")
     return summary
 
 

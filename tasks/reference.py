@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tasks.lib.files import atomic_path, write_json
 from tasks.lib.hashing import directory_digest
-from tasks.lib.policies import merge_adapter, resolve_base, save_policy, scrub_local_paths
+from tasks.lib.policies import merge_adapter, resolve_base, save_policy, scrub_saved_configs
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 
@@ -36,7 +36,7 @@ def snapshot_sft(params: Params, base: Path, sft: Path, out: Path, metrics: Path
         model = AutoModelForCausalLM.from_pretrained(sft, dtype=getattr(torch, params.merge.dtype))
     with atomic_path(out) as scratch:
         save_policy(model, tokenizer, scratch)
-        scrub_local_paths(scratch)
+        scrub_saved_configs(scratch)
     summary = {"sha256": directory_digest(out), "parameters": sum(p.numel() for p in model.parameters())}
     write_json(metrics, summary)
     print(f"reference snapshot {out}: sha256 {summary['sha256'][:12]}, {summary['parameters']:,} parameters")

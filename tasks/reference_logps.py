@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tasks.lib.files import atomic_path, write_records
+from tasks.lib.files import atomic_path, load_splits, write_records
 from tasks.lib.policies import load_model, load_tokenizer
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
@@ -27,12 +27,11 @@ def compute_reference_logps(params: Params, reference: Path, pairs: Path, eval_p
         eval_pairs: prepared held-out pairs
         out: folder for train.jsonl and eval.jsonl
     """
-    from datasets import load_dataset
     from trl import DPOTrainer
 
     tokenizer = load_tokenizer(str(reference), params.model)
     model = load_model(str(reference), params.model)
-    data = load_dataset("json", data_files={"train": str(pairs), "eval": str(eval_pairs)})
+    data = load_splits({"train": pairs, "eval": eval_pairs})
     with tempfile.TemporaryDirectory() as scratch_dir:
         config = dpo_sequence_config(
             params,

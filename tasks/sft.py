@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tasks.lib.files import atomic_path, write_json
 from tasks.lib.hashing import file_digest
-from tasks.lib.policies import load_model, load_tokenizer, resolve_base
+from tasks.lib.policies import load_model, load_tokenizer, resolve_base, scrub_saved_configs
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 from tasks.lib.training import logged_history, lora_config, resume_checkpoint, training_arguments
@@ -82,6 +82,7 @@ def train_sft(
     with atomic_path(out) as scratch:
         trainer.save_model(str(scratch))
         tokenizer.save_pretrained(scratch)
+        scrub_saved_configs(scratch)
     train_losses = losses(history)
     summary = {
         "method": params.sft.method,
@@ -89,15 +90,17 @@ def train_sft(
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
         "eval_loss": evaluation["eval_loss"],
-        "resumed_from": Path(resume).name if resume else None,
     }
     write_json(plots, [row for row in history if "loss" in row])
     write_json(metrics, summary)
+    # Whether it resumed is a fact of this run, not of its result: printed, not in the metrics.
+    resumed_from = Path(resume).name if resume else None
     print(
         f"sft: loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} "
         f"in {summary['steps']} steps, held-out loss {summary['eval_loss']:.3f}"
+        + (f" (resumed from {resumed_from})" if resumed_from else "")
     )
-    return summary
+    return {**summary, "resumed_from": resumed_from}
 
 
 if __name__ == "__main__":

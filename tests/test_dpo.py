@@ -23,6 +23,8 @@ def chinese_pair(i: int) -> dict:
 
 
 def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
+    """Conversational training pairs beside held-out pairs in the standard (string) format, as the built-in
+    prompt pool beside a user's string eval pairs gives; 3 steps, fewer than logging_steps, still report a loss."""
     from tasks.base import build_base
     from tasks.pairs import build_pairs
     from tasks.reference_logps import compute_reference_logps
@@ -35,7 +37,7 @@ def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
             "dpo.train.max_steps": 3,
             "dpo.train.batch_size": 4,
             "dpo.guard.sanity_prompts": 2,
-            "dpo.train.logging_steps": 1,
+            "dpo.train.logging_steps": 5,
         },
     )
     base = tmp_path / "base"
@@ -44,7 +46,10 @@ def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
     (tmp_path / "no_responses.jsonl").write_text("")
     report = build_pairs(params, tmp_path / "no_responses.jsonl", raw, base, prepared, tmp_path / "report.json")
     assert report["pairs"] == report["human_pairs"] == 12 and report["dropped"] == 0
-    compute_reference_logps(params, base, prepared, prepared, tmp_path / "reflogps")
+    string_pairs = tmp_path / "eval_pairs.jsonl"
+    string_rows = [{"prompt": f"{i} 加 {i}？", "chosen": f" {2 * i}", "rejected": f" {i}"} for i in range(1, 5)]
+    string_pairs.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in string_rows), "utf-8")
+    compute_reference_logps(params, base, prepared, string_pairs, tmp_path / "reflogps")
     stored = [
         json.loads(line) for line in (tmp_path / "reflogps" / "train.jsonl").read_text(encoding="utf-8").splitlines()
     ]
@@ -60,7 +65,7 @@ def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
         tmp_path / "plots.json",
         tmp_path / "metrics.json",
     )
-    assert summary["steps"] == 3
+    assert summary["steps"] == 3 and summary["train_loss_first"] > 0 and summary["train_loss_last"] > 0
     assert (tmp_path / "policy" / "model.safetensors").exists() and (tmp_path / "policy" / "adapter").is_dir()
     assert json.loads((tmp_path / "metrics.json").read_text())["round"] == "r1"
 

@@ -227,8 +227,8 @@ def test_round_killed_mid_generation_resumes_under_dvc_repro(project_copy, tmp_p
     assert 3 <= finished_before_kill < total, "the kill should land mid-generation"
 
     log = dvc(project_copy, "repro", "generate@r1").stdout
-    summary = read_json(project_copy / "metrics" / "rounds" / "r1" / "generate.json")
-    assert summary["resumed_batches"] >= finished_before_kill and "batches resumed" in log
+    resumed = int(re.search(r"(\d+) batches resumed", log).group(1))
+    assert resumed >= finished_before_kill
 
     fresh = load_params(project_copy / "params.yaml")
     rounds = project_copy / "data" / "rounds" / "r1"

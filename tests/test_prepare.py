@@ -76,19 +76,23 @@ def test_bad_sft_lines_fail_prepare_with_every_line_listed(tmp_path, base):
             json.dumps({"prompt": "a"}),
         ],
     )
-    out = tmp_path / "prepared"
+    outputs = [tmp_path / name for name in ("train.jsonl", "heldout.jsonl", "pairs.jsonl", "report.json")]
     with pytest.raises(DataError) as error:
-        prepare(
-            load_params(ROOT / "params.yaml"),
-            sft,
-            ROOT / "data/builtin/eval_pairs.jsonl",
-            base,
-            out,
-            tmp_path / "report.json",
-        )
+        prepare(load_params(ROOT / "params.yaml"), sft, ROOT / "data/builtin/eval_pairs.jsonl", base, *outputs)
     assert f"{sft}:2: 'messages' has no assistant message" in str(error.value)
     assert f"{sft}:3: missing field 'completion'" in str(error.value)
-    assert not out.exists()
+    assert not any(path.exists() for path in outputs)
+
+
+def test_sft_file_mixing_formats_is_refused_at_the_first_row_of_the_minority_format(tmp_path, base):
+    conversation = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    rows = [json.dumps({"prompt": f"{i}+{i}=", "completion": str(2 * i)}) for i in range(4)]
+    sft = write_lines(tmp_path / "sft.jsonl", rows[:2] + [json.dumps(conversation)] + rows[2:])
+    outputs = [tmp_path / name for name in ("train.jsonl", "heldout.jsonl", "pairs.jsonl", "report.json")]
+    with pytest.raises(DataError) as error:
+        prepare(load_params(ROOT / "params.yaml"), sft, ROOT / "data/builtin/eval_pairs.jsonl", base, *outputs)
+    assert f"{sft}:3: a conversational row in a file of standard rows (4 of 5)" in str(error.value)
+    assert not any(path.exists() for path in outputs)
 
 
 def test_drop_policy_drops_within_budget_and_reports_why(tmp_path, base):
@@ -101,6 +105,7 @@ def test_drop_policy_drops_within_budget_and_reports_why(tmp_path, base):
     params = load_params(ROOT / "params.yaml", {"data.on_bad_lines": "drop", "data.max_bad_fraction": 0.1})
     rows, report = incoming_pairs(params, pairs)
     assert report["dropped"] == 1 and report["dropped_reasons"] == {"not valid JSON (Expecting value)": 1}
+    assert report["dropped_lines"] == [f"{pairs}:31: not valid JSON (Expecting value)"]
     assert report["duplicates_removed"] == 1 and report["kept"] == 31 == len(rows)
     strict = load_params(ROOT / "params.yaml", {"data.on_bad_lines": "drop", "data.max_bad_fraction": 0.01})
     with pytest.raises(DataError, match="more than data.max_bad_fraction"):

@@ -52,3 +52,17 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file that a validating stage already wrote."""
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def load_splits(files: dict[str, Path]):
+    """JSON-lines files as a `datasets.DatasetDict`, each split loaded on its own.
+
+    One `load_dataset` call over several files infers one schema for all of them, so held-out pairs in
+    TRL's standard format beside conversational training pairs fail with a cast error; split by split,
+    each keeps its own format (TRL handles either).
+    """
+    from datasets import DatasetDict, load_dataset
+
+    return DatasetDict(
+        {name: load_dataset("json", data_files=str(path), split="train") for name, path in files.items()}
+    )

@@ -116,16 +116,25 @@ def merge_adapter(base: str | Path, adapter: Path, dtype: str):
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
-def scrub_local_paths(folder: Path) -> None:
-    """Drop build-machine paths transformers and peft record (`_name_or_path`, adapter base path)."""
-    for name in ("config.json", "adapter_config.json"):
+def scrub_saved_configs(folder: Path) -> None:
+    """Make the configs transformers and peft saved in `folder` portable and byte-reproducible.
+
+    Drops build-machine paths (`_name_or_path`, the adapter's base path) and load-time flags that say how
+    the model was loaded rather than what it is (`local_files_only` follows HF_HUB_OFFLINE); sorts the
+    adapter's `target_modules`, which peft writes in set order (a different order on each run).
+    """
+    for name in ("config.json", "adapter_config.json", "tokenizer_config.json"):
         path = folder / name
-        if path.exists():
-            config = json.loads(path.read_text())
-            for key in ("_name_or_path", "base_model_name_or_path"):
-                if key in config and str(config[key]).startswith("/"):
-                    config[key] = None
-            path.write_text(json.dumps(config, indent=2) + "\n")
+        if not path.exists():
+            continue
+        config = json.loads(path.read_text())
+        for key in ("_name_or_path", "base_model_name_or_path"):
+            if key in config and str(config[key]).startswith("/"):
+                config[key] = None
+        config.pop("local_files_only", None)
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def trained_round(policy: Path) -> str:

@@ -27,9 +27,17 @@ ROLES = ("system", "user", "assistant", "tool")
 class ReadResult:
     path: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
+    row_lines: list[int] = field(default_factory=list)
+    """The file line of each kept row."""
     bad: list[tuple[int, str]] = field(default_factory=list)
     duplicates: int = 0
     lines: int = 0
+
+
+def row_format(row: dict[str, Any]) -> str:
+    """`conversational` (message lists) or `standard` (strings): TRL's two formats, which one file must not mix."""
+    value = row.get("messages", row.get("prompt"))
+    return "conversational" if isinstance(value, list) else "standard"
 
 
 def _text_problem(value: Any, name: str) -> str | None:
@@ -151,7 +159,25 @@ def read_records(path: str | Path, kind: Kind) -> ReadResult:
             continue
         seen.add(key)
         result.rows.append(row)
+        result.row_lines.append(number)
+    _refuse_mixed_formats(result)
     return result
+
+
+def _refuse_mixed_formats(result: ReadResult) -> None:
+    """Mark the rows of a file's minority format bad: downstream libraries cast a column to one type."""
+    formats = [row_format(row) for row in result.rows]
+    if len(set(formats)) < 2:
+        return
+    minority = min(set(formats), key=formats.count)
+    majority = next(kind for kind in set(formats) if kind != minority)
+    reason = (f"a {minority} row in a file of {majority} rows ({formats.count(majority)} of {len(formats)}): "
+              "TRL's two formats (strings vs message lists) cannot be mixed in one file")  # fmt: skip
+    kept = [(row, line) for row, line, kind in zip(result.rows, result.row_lines, formats, strict=True)
+            if kind != minority]  # fmt: skip
+    result.bad.extend((line, reason) for line, kind in zip(result.row_lines, formats, strict=True) if kind == minority)
+    result.bad.sort()
+    result.rows, result.row_lines = [row for row, _ in kept], [line for _, line in kept]
 
 
 def enforce_bad_line_policy(result: ReadResult, on_bad_lines: str, max_bad_fraction: float) -> None:
@@ -210,5 +236,6 @@ def file_report(result: ReadResult) -> dict[str, Any]:
         "kept": len(result.rows),
         "dropped": len(result.bad),
         "dropped_reasons": reasons,
+        "dropped_lines": [f"{result.path}:{line}: {reason}" for line, reason in result.bad],
         "duplicates_removed": result.duplicates,
     }

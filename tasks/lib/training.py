@@ -65,6 +65,7 @@ def training_arguments(train: TrainingParams, checkpoint_dir: Path, logs_dir: Pa
         "save_steps": train.save_steps,
         "save_total_limit": train.save_total_limit,
         "logging_steps": train.logging_steps,
+        "logging_first_step": True,  # a run shorter than logging_steps still reports its loss
         "seed": train.seed,
         "data_seed": train.seed,
         "report_to": ["tensorboard"] if logs_dir is not None else [],
@@ -118,8 +119,9 @@ def logged_history(trainer) -> list[dict[str, Any]]:
     Read from the trainer's state rather than collected by a callback, so that a run resumed from a
     checkpoint still reports the losses logged before the interruption.
     """
+    # Keys sorted: a resumed run reloads the history from a checkpoint's JSON in another key order.
     return [
-        {"step": entry.get("step", 0), **{k: float(v) for k, v in entry.items() if _is_number(v)}}
+        {"step": entry.get("step", 0), **{k: float(v) for k, v in sorted(entry.items()) if _is_number(v)}}
         for entry in trainer.state.log_history
     ]
 

@@ -1,0 +1,67 @@
+"""Re-running a stage on the same inputs rewrites byte-identical outputs (dvc.lock's hashes do not move).
+
+One stage of every kind is re-run on a copy of the finished micro pipeline, in this process (the exact
+`python -m tasks.<stage> ...` command DVC resolved from dvc.yaml, run with runpy: one import of the
+libraries instead of one per stage); then `dvc status` must find every model, data, metrics and plots
+output as dvc.lock recorded it. TensorBoard event files and trainer checkpoints are exempt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+from conftest import dvc
+
+EXEMPT = ("logs/", "checkpoints/")
+
+
+def run_in_process(project: Path, command: str, monkeypatch) -> None:
+    program, flag, module, *arguments = shlex.split(command)
+    assert (program, flag) == ("python", "-m"), command
+    with monkeypatch.context() as patch:
+        patch.chdir(project)
+        patch.setattr(sys, "argv", [module, *arguments])
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def one_stage_of_each_kind(project: Path) -> dict[str, str]:
+    """{stage name: resolved command}, the first stage in dvc.yaml's order for each stage module."""
+    from dvc.repo import Repo
+
+    from flows.dvc_project import read_graph
+
+    with Repo(str(project)) as repo:
+        commands = {stage.name: stage.cmd for stage in repo.index.stages}
+    chosen: dict[str, str] = {}
+    for name in read_graph(project).order:
+        module = shlex.split(commands[name])[2]
+        if module not in {shlex.split(command)[2] for command in chosen.values()}:
+            chosen[name] = commands[name]
+    return chosen
+
+
+def changed_outputs(project: Path) -> dict[str, list]:
+    status = json.loads(dvc(project, "status", "--json").stdout or "{}")
+    changed = {}
+    for stage, entries in status.items():
+        for entry in entries:
+            outs = entry.get("changed outs", {}) if isinstance(entry, dict) else {}
+            moved = [path for path in outs if not path.startswith(EXEMPT)]
+            if moved or (isinstance(entry, dict) and "changed deps" in entry):
+                changed[stage] = [entry]
+    return changed
+
+
+def test_rerunning_every_stage_kind_writes_byte_identical_outputs(project_copy, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", sys.modules.get("bitsandbytes"))  # restored afterwards
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", os.environ.get("TENSORBOARD_LOGGING_DIR", ""))
+    stages = one_stage_of_each_kind(project_copy)
+    assert len(stages) == 15, sorted(stages)  # base, prepare, prompts, sft, reference, generate, ... report
+    for command in stages.values():
+        run_in_process(project_copy, command, monkeypatch)
+    assert changed_outputs(project_copy) == {}, "a re-run stage wrote different bytes"
