@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from tasks.lib.files import atomic_path, write_json
-from tasks.lib.policies import BASE_SOURCE_FILE, is_builtin, scrub_saved_configs
+from tasks.lib.policies import BASE_SOURCE_FILE, check_model_source, is_builtin, scrub_saved_configs
 from tasks.lib.schema import BuiltinModelParams, Params
 from tasks.lib.stage import stage_main
 
@@ -109,10 +109,12 @@ def build_base(params: Params, corpus: Path, out: Path) -> None:
         out: the base folder
     """
     model = params.model
+    source = None if is_builtin(model) else check_model_source(model.base, model.revision)
     with atomic_path(out) as scratch:
         scratch.mkdir()
-        if not is_builtin(model):
+        if source is not None:
             write_json(scratch / BASE_SOURCE_FILE, {"name_or_path": model.base, "revision": model.revision})
+            print(f"base: {model.base} ({source}), loaded by each stage that needs it")
         else:
             tokenizer = build_tokenizer(corpus_texts(corpus), model.builtin.vocab_size)
             network = build_model(tokenizer, model.builtin)

@@ -131,6 +131,8 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
         f"{summary['mean_score_gap']}; chosen/rejected {summary['chosen_chars_mean']}/"
         f"{summary['rejected_chars_mean']} chars"
     )
+    for dropped in summary["dropped_lines"]:
+        print(f"  dropped {dropped}")
     return summary
 
 

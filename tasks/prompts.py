@@ -77,6 +77,8 @@ def draw_prompts(
         f"prompts@{round_name}: {summary['prompts']} prompts from a pool of {summary['pool_size']}"
         f" ({summary['reused_prompts']} reused), {summary['incoming_pairs']} human pairs"
     )
+    for dropped in summary["pool_report"]["dropped_lines"] + summary["incoming"].get("dropped_lines", []):
+        print(f"  dropped {dropped}")
     if summary["pool_exhausted"]:
         print(
             f"WARNING: the prompt pool is exhausted: {summary['reused_prompts']} prompts of round {round_name} "

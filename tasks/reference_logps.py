@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tasks.lib.files import atomic_path, load_splits, write_records
 from tasks.lib.policies import load_model, load_tokenizer
-from tasks.lib.schema import Params
+from tasks.lib.schema import SFT_POLICY, Params
 from tasks.lib.stage import stage_main
 from tasks.lib.training import PAIR_COLUMNS, REF_COLUMNS, dpo_sequence_config
 
@@ -51,5 +51,28 @@ def compute_reference_logps(params: Params, reference: Path, pairs: Path, eval_p
                 print(f"reference log-probs: {len(rows)} {name} pairs")
 
 
+def round_reference_logps(
+    params: Params, round_name: str, sft_policy: Path, previous_policy: Path, pairs: Path, eval_pairs: Path, out: Path
+) -> None:
+    """Compute round `round_name`'s reference log-probs under the reference its params name.
+
+    Both candidate references are arguments (and DVC dependencies), so dvc.yaml needs no `reference` key
+    of the round: a round written without one gets the schema's default, `sft`.
+
+    Args:
+        params: the pipeline's params
+        round_name: the round, a key of `dpo.rounds`
+        sft_policy: the frozen SFT snapshot (the reference when the round's `reference` is `sft`)
+        previous_policy: the policy the round starts from (the reference when `reference` names it)
+        pairs: the round's prepared training pairs
+        eval_pairs: prepared held-out pairs
+        out: folder for train.jsonl and eval.jsonl
+    """
+    spec = params.dpo.rounds[round_name]
+    reference = sft_policy if spec.reference == SFT_POLICY else previous_policy
+    print(f"reference_logps@{round_name}: reference {spec.reference} ({reference})")
+    compute_reference_logps(params, reference, pairs, eval_pairs, out)
+
+
 if __name__ == "__main__":
-    stage_main(compute_reference_logps)
+    stage_main(round_reference_logps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,10 @@ def test_shipped_params_are_valid():
             lambda p: p["sft"]["train"].update(batch_size="eight"),
             "sft.train.batch_size: Input should be a valid integer",
         ),
-        (lambda p: p["dpo"]["rounds"]["r2"].update(previous="sft"), "round r2: previous must be 'r1'"),
+        (
+            lambda p: p["dpo"]["rounds"]["r2"].update(previous="sft"),
+            "dpo.rounds.r2.previous: must be 'r1', the round before it",
+        ),
         (lambda p: p["dpo"]["loss"].update(weights=[1.0, 0.5, 0.1]), "weights has 3 entries but types has 2"),
         (lambda p: p["onpolicy"]["judge"].update(kind="reward_model"), "kind reward_model needs reward_model"),
         (
@@ -97,3 +101,29 @@ def test_every_field_is_documented_and_readme_reference_is_current():
     assert "| None |" not in reference, "a schema field lacks a docstring"
     readme = (ROOT / "README.md").read_text()
     assert reference in readme, "README's params reference is stale: paste `make params-reference` into it"
+
+
+def test_a_broken_round_chain_is_reported_at_the_rounds_own_line(tmp_path):
+    path = write_params(tmp_path, lambda p: p["dpo"]["rounds"]["r2"].update(previous="r9"))
+    line = next(number for number, text in enumerate(path.read_text().splitlines(), 1) if "previous: r9" in text)
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert str(error.value).startswith(f"{path}:{line}: dpo.rounds.r2.previous: must be 'r1', the round before it")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "expected a mapping of sections, got NoneType"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not a text file (not UTF-8 at byte 0)"),
+        (b"dpo: [unclosed\n", "not valid YAML"),
+        (b"- just\n- a list\n", "expected a mapping of sections, got list"),
+    ],
+    ids=["empty", "binary", "not-yaml", "not-a-mapping"],
+)
+def test_unreadable_params_file_gets_one_clear_error(tmp_path, content, expected):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ParamsError, match=re.escape(f"{path}: ")) as error:
+        load_params(path)
+    assert expected in str(error.value)

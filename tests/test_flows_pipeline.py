@@ -90,7 +90,7 @@ def test_override_reruns_what_dvc_says_then_restores_from_run_cache(flow_project
     assert state.is_completed(), state.message
     ran = {name for name, outcome in state.result()["stages"].items() if outcome != SKIPPED}
     gates = {"gate@r1", "gate@r2"}
-    assert gates <= ran <= gates | {"lineage@r1", "lineage@r2", "report"}
+    assert gates <= ran <= gates | {"check_params", "lineage@r1", "lineage@r2", "report"}
     assert (project / "params.yaml").read_text() == params_before, "a one-run override must not stay in params.yaml"
     assert "`dpo.gate.max_perplexity_rise`: 1.0 → 1.5" in latest_artifact("run-report").data
 

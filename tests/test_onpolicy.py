@@ -40,7 +40,7 @@ def test_round_slices_do_not_reuse_prompts_until_the_pool_runs_out():
 
 
 def test_rule_judge_scores_known_good_and_bad_answers():
-    from tasks.judge import RuleJudge
+    from tasks.lib.judges import RuleJudge
 
     judge = RuleJudge(JudgeParams(correct_weight=1.0, polite_weight=0.5))
     answers = ["The answer is 7. Happy to help!", "The answer is 7.", "The answer is 8. Happy to help!", "Seven?"]
@@ -51,7 +51,7 @@ def test_rule_judge_scores_known_good_and_bad_answers():
 
 
 def test_function_judge_is_imported_by_path(tmp_path, monkeypatch):
-    from tasks.judge import FunctionJudge
+    from tasks.lib.judges import FunctionJudge
 
     (tmp_path / "my_judges.py").write_text("def shortest(prompt, response):\n    return -len(response)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -246,7 +246,7 @@ def test_adding_round_three_reruns_only_round_three_and_what_follows(project_cop
     log = dvc(project_copy, "repro").stdout
     ran = set(re.findall(r"Running stage '([^']+)'", log))
     chain = {f"{stage}@r3" for stage in ROUND_STAGES}
-    assert chain <= ran <= chain | {"merge", "eval_merged", "report"}
+    assert chain <= ran <= chain | {"check_params", "merge", "eval_merged", "report"}
     prompts = read_json(project_copy / "metrics" / "rounds" / "r3" / "prompts.json")
     per_round = read_params(project_copy)["onpolicy"]["prompts"]["per_round"]
     assert prompts["pool_exhausted"] and prompts["reused_prompts"] == per_round and "prompt pool is exhausted" in log

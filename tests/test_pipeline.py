@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import dvc, read_json, read_params, run
+from conftest import dvc, edit_params, read_json, read_params, run
 
 
 def stages_run(log: str) -> set[str]:
@@ -23,7 +23,17 @@ def test_every_stage_ran(pipeline_log):
         for name in ("r1", "r2")
         for stage in ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval", "gate", "lineage")
     }
-    assert {"base", "prepare", "sft", "reference", "eval_sft", "merge", "eval_merged", "report"} | rounds == ran
+    assert {
+        "check_params",
+        "base",
+        "prepare",
+        "sft",
+        "reference",
+        "eval_sft",
+        "merge",
+        "eval_merged",
+        "report",
+    } | rounds == ran
 
 
 def test_sft_loss_fell(pipeline):
@@ -136,3 +146,47 @@ def test_dpo_change_reruns_only_dpo_onwards(regressed):
         "base", "prepare", "sft", "reference", "eval_sft", "prompts@r1", "generate@r1", "judge@r1", "pairs@r1",
         "reference_logps@r1", "prompts@r2",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: p["dpo"].update(betta=0.1), "dpo.betta: unknown key"),  # a key no stage declares
+        (lambda p: p["dpo"]["loss"].update(beta=-0.1), "dpo.loss.beta: Input should be greater than 0 (got -0.1)"),
+        (
+            lambda p: p["onpolicy"]["judge"].update(kind="function", function="no_such_module:score"),
+            "onpolicy.judge.function: cannot import 'no_such_module:score'",
+        ),
+    ],
+    ids=["untracked-key", "bad-value", "unimportable-judge"],
+)
+def test_bad_params_stop_dvc_repro_before_any_stage_works(project_copy, edit, message):
+    lock = (project_copy / "dvc.lock").read_text()
+    edit_params(project_copy, edit)
+    result = dvc(project_copy, "repro", check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+    assert re.search(r"params.yaml:\d+: ", result.stdout + result.stderr) or "judge" in message
+    assert "exited with 2" in result.stdout + result.stderr  # bad input: the flow does not retry it
+    assert stages_run(result.stdout) == {"check_params"}
+    assert (project_copy / "dvc.lock").read_text() == lock
+
+
+def stale_stages(project) -> set[str]:
+    return set(json.loads(dvc(project, "status", "--json").stdout or "{}"))
+
+
+def test_new_eval_pairs_leave_sft_current(project_copy):
+    """SFT depends on the SFT splits prepare writes, not on the folder that also holds the held-out pairs."""
+    pairs = (project_copy / "data/builtin/eval_pairs.jsonl").read_text().splitlines(keepends=True)
+    (project_copy / "data/eval_pairs_v2.jsonl").write_text("".join(pairs[:-1]))
+    edit_params(project_copy, lambda params: params["data"].update(eval_pairs="data/eval_pairs_v2.jsonl"))
+    assert stages_run(dvc(project_copy, "repro", "prepare").stdout) == {"check_params", "prepare"}
+    stale = stale_stages(project_copy)
+    assert {"eval_sft", "reference_logps@r1", "eval@r1"} <= stale
+    assert not stale & {"base", "sft", "reference", "generate@r1", "pairs@r1"}
+
+
+def test_a_round_written_without_reference_parses_and_uses_the_sft_snapshot(project_copy):
+    edit_params(project_copy, lambda params: params["dpo"]["rounds"]["r2"].pop("reference"))
+    stale = stale_stages(project_copy)  # dvc.yaml interpolates no `reference`: it parses
+    assert "reference_logps@r2" in stale and not stale & {"base", "sft", "dpo@r1", "reference_logps@r1"}

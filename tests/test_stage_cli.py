@@ -62,3 +62,14 @@ def test_bad_data_exits_2_with_file_and_line(tmp_path):
     result = stage(["tasks.prompts", "--round", "r1", "--pool", str(pool), "--incoming", str(tmp_path), *outputs])
     assert result.returncode == 2 and result.stderr.startswith("bad data:") and f"{pool}:2:" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("base", ["/no/such/model", "no-such-org/no-such-model"])
+def test_a_model_base_that_is_neither_a_folder_nor_a_cached_hub_id_exits_2_in_base(tmp_path, base):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("base: builtin", f"base: {base}"))
+    out = tmp_path / "base"
+    result = stage(["tasks.base", "--params", str(params), "--corpus", "data/builtin/sft.jsonl", "--out", str(out)])
+    assert result.returncode == 2, result.stderr
+    assert f"model.base {base}: not a folder and not a hub id in the local cache" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()

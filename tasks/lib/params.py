@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,10 @@ def _describe(
     messages = []
     for item in error.errors():
         path = tuple(str(part) for part in item["loc"])
+        reason = item["msg"].removeprefix("Value error, ")
+        inner = re.match(r"^([\w]+(?:\.[\w]+)+): (.*)$", reason, re.DOTALL)
+        if inner and item["type"] == "value_error":  # a section's check naming the key inside it
+            path, reason = path + tuple(inner.group(1).split(".")), inner.group(2)
         key = ".".join(path) or "(top level)"
         override = next((name for name in overridden if key == name or key.startswith(name + ".")), None)
         inside = next((name for name in overridden if name.startswith(key + ".")), None)
@@ -81,8 +86,8 @@ def _describe(
         # A section-level check's input is the whole section: its message already names the culprit.
         quiet = item["type"] in ("missing", "extra_forbidden") or isinstance(item["input"], dict)
         got = "" if quiet else f" (got {item['input']!r})"
-        reason = "unknown key" + _suggestion(key) if item["type"] == "extra_forbidden" else item["msg"]
-        reason = reason.removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            reason = "unknown key" + _suggestion(key)
         messages.append(f"{where}: {key}: {reason}{got}")
     return "\n".join(messages)
 
@@ -115,7 +120,12 @@ def validate(
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate params.yaml; raise ParamsError naming file:line and key on any problem."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:
+        raise ParamsError(f"{path}: not a text file (not UTF-8 at byte {error.start})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

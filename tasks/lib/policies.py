@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tasks.lib.errors import BadInput
 from tasks.lib.files import read_json
 from tasks.lib.schema import BUILTIN, SFT_POLICY, ModelParams
 
@@ -34,6 +35,41 @@ def skip_bitsandbytes_unless_quantized(model: ModelParams) -> None:
 
 def is_builtin(model: ModelParams) -> bool:
     return model.base == BUILTIN
+
+
+def check_model_source(name_or_path: str, revision: str | None) -> str:
+    """Where `model.base` will load from (`folder` or `hub`), or BadInput saying why it cannot.
+
+    A folder must hold a `config.json`. Anything else is a hub id: offline it must be in the local cache;
+    online the hub must know it. Checked when the base is recorded, so that a typo fails there with one line
+    instead of as a download traceback in a later stage.
+    """
+    from huggingface_hub import constants, repo_exists, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise BadInput(f"model.base {name_or_path}: a folder without config.json (not a Hugging Face model folder)")
+        return "folder"
+    missing = f"model.base {name_or_path}: not a folder and not a hub id in the local cache"
+    if name_or_path.startswith(("/", ".", "~")):  # a path, not an id
+        raise BadInput(missing)
+    try:
+        cached = isinstance(try_to_load_from_cache(name_or_path, "config.json", revision=revision), str)
+    except HFValidationError as error:
+        raise BadInput(f"model.base {name_or_path}: not a folder and not a valid hub id ({error})") from None
+    if cached:
+        return "hub"
+    if constants.HF_HUB_OFFLINE:
+        raise BadInput(missing)
+    try:
+        known = repo_exists(name_or_path)
+    except Exception as error:  # whatever stops the question (network, auth) is reported in its own words
+        raise BadInput(f"model.base {name_or_path}: not a folder, and the hub could not be asked ({error})") from None
+    if not known:
+        raise BadInput(f"model.base {name_or_path}: not a folder and not a model on the hub")
+    return "hub"
 
 
 def resolve_base(base_dir: str | Path) -> tuple[str, str | None]:

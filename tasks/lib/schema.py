@@ -30,11 +30,12 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    sft: str = "data/builtin/sft.jsonl"
-    """SFT data (JSON lines): `{"prompt","completion"}` strings or `{"messages": [...]}` conversations."""
-    eval_pairs: str = "data/builtin/eval_pairs.jsonl"
+    sft: str
+    """SFT data (JSON lines): `{"prompt","completion"}` strings or `{"messages": [...]}` conversations. Required:
+    dvc.yaml names it as a dependency (the built-in task's is `data/builtin/sft.jsonl`)."""
+    eval_pairs: str
     """Held-out preference pairs `{"prompt","chosen","rejected"}` (strings or message lists) used only for
-    evaluation."""
+    evaluation. Required: dvc.yaml names it (the built-in task's is `data/builtin/eval_pairs.jsonl`)."""
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     """Fraction of SFT rows held out (SFT eval loss and held-out perplexity)."""
     on_bad_lines: Literal["fail", "drop"] = "fail"
@@ -229,12 +230,19 @@ class DPOParams(Section):
     def _rounds_chain(self) -> DPOParams:
         previous = SFT_POLICY
         for name, spec in self.rounds.items():
+            # A message that starts with the key inside this section (`rounds.r2.previous: ...`) is reported at
+            # that key's own line of params.yaml (tasks.lib.params), not at `dpo:`.
             if name in RESERVED_ROUND_NAMES or not name.isidentifier():
-                raise ValueError(f"round name {name!r} must be an identifier other than {RESERVED_ROUND_NAMES}")
+                raise ValueError(f"rounds.{name}: a round name must be an identifier other than {RESERVED_ROUND_NAMES}")
             if spec.previous != previous:
-                raise ValueError(f"round {name}: previous must be {previous!r} (got {spec.previous!r})")
+                raise ValueError(
+                    f"rounds.{name}.previous: must be {previous!r}, the round before it (got {spec.previous!r}); "
+                    "rounds form one chain, each starting from the one before"
+                )
             if spec.reference not in (SFT_POLICY, spec.previous):
-                raise ValueError(f"round {name}: reference must be 'sft' or {spec.previous!r} (got {spec.reference!r})")
+                raise ValueError(
+                    f"rounds.{name}.reference: must be 'sft' or {spec.previous!r} (got {spec.reference!r})"
+                )
             previous = name
         return self
 
@@ -244,8 +252,9 @@ class DPOParams(Section):
 
 
 class PromptParams(Section):
-    pool: str = "data/builtin/prompts.jsonl"
-    """Prompt pool (JSON lines `{"prompt": ...}`, a string or a message list) the rounds draw fresh prompts from."""
+    pool: str
+    """Prompt pool (JSON lines `{"prompt": ...}`, a string or a message list) the rounds draw fresh prompts from.
+    Required: dvc.yaml names it (the built-in task's is `data/builtin/prompts.jsonl`)."""
     per_round: int = Field(128, ge=0)
     """Prompts drawn for each round; no prompt is reused across rounds until the pool is exhausted (then reuse is
     reported)."""
@@ -311,7 +320,7 @@ class PairParams(Section):
 
 
 class OnPolicyParams(Section):
-    prompts: PromptParams = PromptParams()
+    prompts: PromptParams
     """Where each round's fresh prompts come from."""
     generate: GenerateParams = GenerateParams()
     """Sampling responses from the round's starting policy."""
@@ -374,7 +383,7 @@ class OrchestrationParams(Section):
 
 
 class Params(Section):
-    data: DataParams = DataParams()
+    data: DataParams
     """Input data and how it is validated and split."""
     model: ModelParams = ModelParams()
     """The base model and how every model is loaded."""
@@ -382,7 +391,7 @@ class Params(Section):
     """Supervised fine-tuning."""
     reference: ReferenceParams = ReferenceParams()
     """The frozen reference policy and its log-probabilities."""
-    onpolicy: OnPolicyParams = OnPolicyParams()
+    onpolicy: OnPolicyParams
     """Each round's fresh preference data: prompts, sampled responses, judge scores, pairs."""
     dpo: DPOParams
     """DPO rounds."""
