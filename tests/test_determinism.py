@@ -26,6 +26,7 @@ def run_in_process(project: Path, command: str, monkeypatch) -> None:
     with monkeypatch.context() as patch:
         patch.chdir(project)
         patch.setattr(sys, "argv", [module, *arguments])
+        patch.delitem(sys.modules, module, raising=False)  # run it as __main__, as `python -m` does
         runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
