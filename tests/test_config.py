@@ -115,7 +115,7 @@ def test_a_broken_round_chain_is_reported_at_the_rounds_own_line(tmp_path):
     ("content", "expected"),
     [
         (b"", "expected a mapping of sections, got NoneType"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00", "not a text file (not UTF-8 at byte 0)"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text (invalid start byte at byte 0)"),
         (b"dpo: [unclosed\n", "not valid YAML"),
         (b"- just\n- a list\n", "expected a mapping of sections, got list"),
     ],

@@ -32,6 +32,17 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(scratch.parent, ignore_errors=True)
 
 
+def read_utf8(path: str | Path, error: type[Exception]) -> str:
+    """A text file's content, or `error` with one line saying why it cannot be read (missing, not UTF-8)."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except UnicodeDecodeError as problem:
+        raise error(f"{path}: not UTF-8 text ({problem.reason} at byte {problem.start})") from None
+
+
 def write_json(path: str | Path, payload: Any) -> None:
     with atomic_path(path) as scratch:
         scratch.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

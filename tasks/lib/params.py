@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tasks.lib.files import read_utf8
 from tasks.lib.schema import Params, RoundParams, Section
 
 
@@ -120,12 +121,7 @@ def validate(
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate params.yaml; raise ParamsError naming file:line and key on any problem."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: no such file") from None
-    except UnicodeDecodeError as error:
-        raise ParamsError(f"{path}: not a text file (not UTF-8 at byte {error.start})") from None
+    text = read_utf8(path, ParamsError)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

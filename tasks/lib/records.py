@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from tasks.lib.chat import render
 from tasks.lib.errors import DataError
+from tasks.lib.files import read_utf8
 
 Kind = Literal["pairs", "sft", "prompts"]
 ROLES = ("system", "user", "assistant", "tool")
@@ -134,12 +135,7 @@ def read_records(path: str | Path, kind: Kind) -> ReadResult:
     result = ReadResult(path=path)
     seen: set[str] = set()
     check = CHECKS[kind]
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    text = read_utf8(path, DataError)
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
