@@ -2,8 +2,8 @@
 
 Models in pipeline order: `sft`, each round's policy after the promotion gate, `merged`. A round
 the gate refused shows the policy it kept, with the refused candidate's own row (`<round>*`) below it;
-rounds the collapse guard marked are flagged. `python -m tasks.report --print-only` prints the
-table of the last run.
+rounds the collapse guard marked are flagged. `make demo` ends by re-running this stage alone to print
+the table (deterministic: the same metrics file, unchanged dvc.lock).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def table(scores: dict[str, dict[str, float]], notes: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(params: Params, evals: Path, metrics: Path, out: Path, print_only: bool = False) -> None:
+def write_report(params: Params, evals: Path, metrics: Path, out: Path) -> None:
     """Collect every model's metrics into `out` and print the table (the gate's decisions and guard flags beside it).
 
     Args:
@@ -65,11 +65,9 @@ def write_report(params: Params, evals: Path, metrics: Path, out: Path, print_on
         evals: folder of per-model evaluations
         metrics: folder of the rounds' metrics
         out: `{model: {metric: value}}` (metrics/eval.json)
-        print_only: print the table of an existing `out` without rebuilding it
     """
-    scores = read_json(out) if print_only else collect(params, evals)
-    if not print_only:
-        write_json(out, scores)
+    scores = collect(params, evals)
+    write_json(out, scores)
     notes = round_notes(params, evals, metrics)
     print(table(scores, notes))
     failed = [name for name, note in notes.items() if "FAILED-QUALITY" in note]
