@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import dvc, edit_params, read_json, read_params, run
+from conftest import dvc, edit_params, make_project, read_json, read_params, run
 
 
 def stages_run(log: str) -> set[str]:
@@ -160,15 +160,16 @@ def test_dpo_change_reruns_only_dpo_onwards(regressed):
     ],
     ids=["untracked-key", "bad-value", "unimportable-judge"],
 )
-def test_bad_params_stop_dvc_repro_before_any_stage_works(project_copy, edit, message):
-    lock = (project_copy / "dvc.lock").read_text()
-    edit_params(project_copy, edit)
-    result = dvc(project_copy, "repro", check=False)
+def test_bad_params_stop_dvc_repro_before_any_stage_works(tmp_path, edit, message):
+    """On a project that never ran: check_params runs first, fails, and nothing else runs or is recorded."""
+    project = make_project(tmp_path)
+    edit_params(project, edit)
+    result = dvc(project, "repro", check=False)
     assert result.returncode != 0 and message in result.stdout + result.stderr
     assert re.search(r"params.yaml:\d+: ", result.stdout + result.stderr) or "judge" in message
     assert "exited with 2" in result.stdout + result.stderr  # bad input: the flow does not retry it
     assert stages_run(result.stdout) == {"check_params"}
-    assert (project_copy / "dvc.lock").read_text() == lock
+    assert not (project / "dvc.lock").exists() and not (project / "models").exists()
 
 
 def stale_stages(project) -> set[str]:
