@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import dvc, edit_params, project_env, read_json, read_params
 
-from tasks.lib.errors import DataError
+from tasks.lib.errors import DataError, SettingError
 from tasks.lib.files import load_records, write_records
 from tasks.lib.params import load_params
 from tasks.lib.schema import JudgeParams, PairParams
@@ -57,7 +57,7 @@ def test_function_judge_is_imported_by_path(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     judge = FunctionJudge(JudgeParams(kind="function", function="my_judges:shortest"))
     assert judge.score([QUESTION, QUESTION], ["ab", "abcd"]) == [-2.0, -4.0]
-    with pytest.raises(DataError, match="cannot import 'my_judges:missing'"):
+    with pytest.raises(SettingError, match="cannot import 'my_judges:missing'"):
         FunctionJudge(JudgeParams(kind="function", function="my_judges:missing"))
 
 

@@ -7,6 +7,12 @@ class BadInput(ValueError):
     kind = "bad input"
 
 
+class SettingError(BadInput):
+    """A params.yaml setting names something that cannot be used (a model, a judge function)."""
+
+    kind = "invalid params"
+
+
 class DataError(BadInput):
     """Input data is unusable; the message lists each offending file:line."""
 

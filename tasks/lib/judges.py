@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from tasks.lib import builtin_task
 from tasks.lib.chat import last_content, render
-from tasks.lib.errors import DataError
+from tasks.lib.errors import DataError, SettingError
 from tasks.lib.hashing import directory_digest
 from tasks.lib.policies import has_cuda, load_tokenizer
 from tasks.lib.schema import JudgeParams, Params
@@ -128,7 +128,7 @@ class FunctionJudge:
             module = importlib.import_module(module_name)
             self.function: Callable[[Any, str], float] = getattr(module, function_name)
         except (ImportError, AttributeError) as error:
-            raise DataError(f"onpolicy.judge.function: cannot import {settings.function!r}: {error}") from None
+            raise SettingError(f"onpolicy.judge.function: cannot import {settings.function!r}: {error}") from None
         self.identity = {"kind": "function", "function": settings.function, "source_sha256": _source_digest(module)}
 
     def score(self, prompts: list[Any], responses: list[str]) -> list[float]:

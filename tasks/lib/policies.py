@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.errors import BadInput
+from tasks.lib.errors import SettingError
 from tasks.lib.files import read_json
 from tasks.lib.schema import BUILTIN, SFT_POLICY, ModelParams
 
@@ -38,7 +38,7 @@ def is_builtin(model: ModelParams) -> bool:
 
 
 def check_model_source(name_or_path: str, revision: str | None) -> str:
-    """Where `model.base` will load from (`folder` or `hub`), or BadInput saying why it cannot.
+    """Where `model.base` will load from (`folder` or `hub`), or SettingError saying why it cannot.
 
     A folder must hold a `config.json`. Anything else is a hub id: offline it must be in the local cache;
     online the hub must know it. Checked when the base is recorded, so that a typo fails there with one line
@@ -50,25 +50,25 @@ def check_model_source(name_or_path: str, revision: str | None) -> str:
     folder = Path(name_or_path)
     if folder.is_dir():
         if not (folder / "config.json").exists():
-            raise BadInput(f"model.base {name_or_path}: a folder without config.json (not a Hugging Face model folder)")
+            raise SettingError(f"model.base {name_or_path}: a folder without config.json (not a model folder)")
         return "folder"
     missing = f"model.base {name_or_path}: not a folder and not a hub id in the local cache"
     if name_or_path.startswith(("/", ".", "~")):  # a path, not an id
-        raise BadInput(missing)
+        raise SettingError(missing)
     try:
         cached = isinstance(try_to_load_from_cache(name_or_path, "config.json", revision=revision), str)
     except HFValidationError as error:
-        raise BadInput(f"model.base {name_or_path}: not a folder and not a valid hub id ({error})") from None
+        raise SettingError(f"model.base {name_or_path}: not a folder and not a valid hub id ({error})") from None
     if cached:
         return "hub"
     if constants.HF_HUB_OFFLINE:
-        raise BadInput(missing)
+        raise SettingError(missing)
     try:
         known = repo_exists(name_or_path)
     except Exception as error:  # whatever stops the question (network, auth) is reported in its own words
-        raise BadInput(f"model.base {name_or_path}: not a folder, and the hub could not be asked ({error})") from None
+        raise SettingError(f"model.base {name_or_path}: not a folder; the hub could not be asked ({error})") from None
     if not known:
-        raise BadInput(f"model.base {name_or_path}: not a folder and not a model on the hub")
+        raise SettingError(f"model.base {name_or_path}: not a folder and not a model on the hub")
     return "hub"
 
 
