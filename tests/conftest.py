@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = (
@@ -182,8 +183,6 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], str]) -> tup
 
     Returns the folder and what `build` returned (kept in a file beside it).
     """
-    from filelock import FileLock
-
     root = shared_folder(tmp_path_factory)
     folder, log = root / name, root / f"{name}.log"
     with FileLock(str(root / f"{name}.lock")):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from conftest import dvc
 
+from flows.dvc_project import read_graph
+
 EXEMPT = ("logs/", "checkpoints/")
 
 
@@ -33,8 +35,6 @@ def run_in_process(project: Path, command: str, monkeypatch) -> None:
 def one_stage_of_each_kind(project: Path) -> dict[str, str]:
     """{stage name: resolved command}, the first stage in dvc.yaml's order for each stage module."""
     from dvc.repo import Repo
-
-    from flows.dvc_project import read_graph
 
     with Repo(str(project)) as repo:
         commands = {stage.name: stage.cmd for stage in repo.index.stages}

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tasks.base import build_base
 from tasks.dpo import distinct_trigram_ratio, guard_verdict, train_round
 from tasks.lib.params import load_params
 from tasks.lib.schema import GuardParams
+from tasks.pairs import build_pairs
+from tasks.reference_logps import compute_reference_logps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,9 +28,6 @@ def chinese_pair(i: int) -> dict:
 def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
     """Conversational training pairs beside held-out pairs in the standard (string) format, as the built-in
     prompt pool beside a user's string eval pairs gives; 3 steps, fewer than logging_steps, still report a loss."""
-    from tasks.base import build_base
-    from tasks.pairs import build_pairs
-    from tasks.reference_logps import compute_reference_logps
 
     raw = tmp_path / "zh.jsonl"
     raw.write_text("".join(json.dumps(chinese_pair(i), ensure_ascii=False) + "\n" for i in range(12)), encoding="utf-8")

@@ -14,7 +14,8 @@ import time
 import pytest
 from conftest import DIAMOND_DAG, ROOT, make_shell_project
 
-from flows.serve import alive
+from flows.params_file import write_params
+from flows.serve import _deployments, alive
 
 
 def free_port() -> int:
@@ -105,9 +106,6 @@ def test_stop_leaves_no_process_behind(served):
 
 
 def test_next_round_schedule_comes_from_params(tmp_path):
-    from flows.params_file import write_params
-    from flows.serve import _deployments
-
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     pipeline, next_round, _ = _deployments(tmp_path)
     assert pipeline.schedules == [] and next_round.schedules == [] and next_round.parameters == {"next_round": True}

@@ -18,10 +18,18 @@ from pathlib import Path
 import pytest
 from conftest import dvc, edit_params, project_env, read_json, read_params
 
+from flows.params_file import extended_rounds
+from tasks.gate import refusals
+from tasks.generate import generate_round
+from tasks.judge import judge_round
 from tasks.lib.errors import DataError, SettingError
 from tasks.lib.files import load_records, write_records
+from tasks.lib.hashing import file_digest
+from tasks.lib.judges import FunctionJudge, RuleJudge
 from tasks.lib.params import load_params
-from tasks.lib.schema import JudgeParams, PairParams
+from tasks.lib.schema import GateParams, JudgeParams, PairParams
+from tasks.pairs import judged_pairs, prompt_pairs
+from tasks.prompts import round_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "What is 3 plus 4?"}]
@@ -29,8 +37,6 @@ ROUND_STAGES = ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo
 
 
 def test_round_slices_do_not_reuse_prompts_until_the_pool_runs_out():
-    from tasks.prompts import round_slice
-
     first, reused_first = round_slice(320, 160, 0, seed=0)
     second, reused_second = round_slice(320, 160, 1, seed=0)
     third, reused_third = round_slice(320, 160, 2, seed=0)
@@ -40,8 +46,6 @@ def test_round_slices_do_not_reuse_prompts_until_the_pool_runs_out():
 
 
 def test_rule_judge_scores_known_good_and_bad_answers():
-    from tasks.lib.judges import RuleJudge
-
     judge = RuleJudge(JudgeParams(correct_weight=1.0, polite_weight=0.5))
     answers = ["The answer is 7. Happy to help!", "The answer is 7.", "The answer is 8. Happy to help!", "Seven?"]
     assert judge.score([QUESTION] * 4, answers) == [1.5, 1.0, 0.5, 0.0]
@@ -51,8 +55,6 @@ def test_rule_judge_scores_known_good_and_bad_answers():
 
 
 def test_function_judge_is_imported_by_path(tmp_path, monkeypatch):
-    from tasks.lib.judges import FunctionJudge
-
     (tmp_path / "my_judges.py").write_text("def shortest(prompt, response):\n    return -len(response)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     judge = FunctionJudge(JudgeParams(kind="function", function="my_judges:shortest"))
@@ -62,8 +64,6 @@ def test_function_judge_is_imported_by_path(tmp_path, monkeypatch):
 
 
 def test_best_worst_pairs_pick_the_extremes_and_drop_ties_and_degenerate_prompts():
-    from tasks.pairs import judged_pairs, prompt_pairs
-
     settings = PairParams(strategy="best_worst", min_gap=0.25)
     assert prompt_pairs([0.5, 1.5, 0.0, 1.0], ["a", "b", "c", "d"], settings) == ([(1, 2)], None)
     assert prompt_pairs([1.0, 1.0, 1.1], ["a", "b", "c"], settings) == ([], "tie")
@@ -85,17 +85,12 @@ def test_best_worst_pairs_pick_the_extremes_and_drop_ties_and_degenerate_prompts
 
 
 def test_margin_pairs_keep_every_wide_enough_gap_widest_first():
-    from tasks.pairs import prompt_pairs
-
     settings = PairParams(strategy="margin", min_gap=0.5, max_pairs_per_prompt=2)
     pairs, _ = prompt_pairs([1.5, 1.0, 0.0], ["a", "b", "c"], settings)
     assert pairs == [(0, 2), (1, 2)]
 
 
 def test_gate_names_every_regression_beyond_its_tolerance():
-    from tasks.gate import refusals
-    from tasks.lib.schema import GateParams
-
     gate = GateParams(max_task_accuracy_drop=0.05, max_perplexity_rise=0.5, require_guard_ok=True)
     baseline = {"task_accuracy": 0.60, "perplexity": 100.0}
     assert refusals(gate, {"task_accuracy": 0.56, "perplexity": 149.0}, baseline, {"quality": "ok"}) == []
@@ -115,8 +110,6 @@ def round_prompts(pipeline: Path, tmp_path: Path, count: int) -> Path:
 
 
 def test_generation_is_deterministic_under_a_seed_and_resumes_batch_by_batch(pipeline, tmp_path):
-    from tasks.generate import generate_round
-
     samples = load_params(pipeline / "params.yaml").onpolicy.generate.samples_per_prompt
     two_prompts_a_batch = {"onpolicy.generate.batch_size": 2 * samples}
     params = load_params(pipeline / "params.yaml", two_prompts_a_batch)
@@ -162,8 +155,6 @@ def test_reward_model_judge_scores_with_a_local_sequence_classifier(pipeline, tm
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tasks.judge import judge_round
-
     policy = pipeline / "models" / "policies" / "sft"
     reward_model = tiny_reward_model(policy, tmp_path / "rm")
     generations = tmp_path / "generations.jsonl"
@@ -189,8 +180,6 @@ def test_reward_model_judge_scores_with_a_local_sequence_classifier(pipeline, tm
 
 
 def test_gate_refuses_the_regression_and_the_next_round_starts_from_the_last_promoted_policy(regressed):
-    from tasks.lib.hashing import file_digest
-
     project, log = regressed
     decision = read_json(project / "metrics" / "eval" / "r1.json")
     assert decision["promoted"] is False and decision["source"] == "sft" and decision["reasons"]
@@ -206,7 +195,6 @@ def test_gate_refuses_the_regression_and_the_next_round_starts_from_the_last_pro
 
 def test_round_killed_mid_generation_resumes_under_dvc_repro(project_copy, tmp_path):
     """Small batches (one prompt each) so the kill lands mid-generation; only generate@r1 is reproduced."""
-    from tasks.generate import generate_round
 
     def reseed(params):
         params["onpolicy"]["generate"].update(seed=7, batch_size=params["onpolicy"]["generate"]["samples_per_prompt"])
@@ -239,8 +227,6 @@ def test_round_killed_mid_generation_resumes_under_dvc_repro(project_copy, tmp_p
 
 def test_adding_round_three_reruns_only_round_three_and_what_follows(project_copy):
     """The round the `next-round` flow appends (flows.params_file.extended_rounds) runs its real on-policy chain."""
-    from flows.params_file import extended_rounds
-
     rounds = extended_rounds(load_params(project_copy / "params.yaml"), 3)
     edit_params(project_copy, lambda params: params["dpo"].update(rounds=rounds))
     log = dvc(project_copy, "repro").stdout

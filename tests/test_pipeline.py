@@ -11,6 +11,8 @@ import pytest
 import yaml
 from conftest import dvc, edit_params, make_project, read_json, read_params, run
 
+from tasks.lib.hashing import directory_digest, file_digest
+
 
 def stages_run(log: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", log))
@@ -74,8 +76,6 @@ def test_round_pairs_come_from_the_policys_own_judged_samples(pipeline):
 
 
 def test_lineage_ties_each_round_together_by_content_hash(pipeline):
-    from tasks.lib.hashing import directory_digest, file_digest
-
     lineage = read_json(pipeline / "metrics" / "rounds" / "r1" / "lineage.json")
     assert lineage["prompts"]["sha256"] == file_digest(pipeline / "data/rounds/r1/prompts.jsonl")
     assert lineage["pairs"]["sha256"] == file_digest(pipeline / "data/prepared/pairs/r1.jsonl")

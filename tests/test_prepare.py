@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.base import build_base
 from tasks.lib.errors import DataError
 from tasks.lib.params import load_params
 from tasks.lib.records import read_records
@@ -26,7 +27,6 @@ CHAT_PAIR = {
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    from tasks.base import build_base
 
     out = tmp_path_factory.mktemp("base") / "base"
     build_base(load_params(ROOT / "params.yaml"), ROOT / "data/builtin/sft.jsonl", out)
