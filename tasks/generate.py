@@ -46,7 +46,7 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
         prompts: the round's prompts (from prompts@<round>)
         out: prompts with their sampled responses (JSON lines)
         checkpoints: finished batches, for resuming
-        metrics: the stage's metrics (tokens, tokens/s, resumed batches)
+        metrics: the stage's metrics (responses, empty ones, new tokens; tokens/s is printed, not stored)
     """
     from tqdm import tqdm
 
