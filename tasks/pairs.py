@@ -18,17 +18,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.chat import last_content
+from tasks.lib.chat import as_response, last_content
 from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.policies import load_tokenizer, resolve_base
 from tasks.lib.records import enforce_bad_line_policy, file_report, read_records, token_length_report
 from tasks.lib.schema import PairParams, Params
 from tasks.lib.stage import stage_main
-
-
-def _response(prompt: Any, text: str) -> Any:
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+from tasks.lib.stats import length_summary
 
 
 def prompt_pairs(
@@ -64,8 +61,8 @@ def judged_pairs(scored: list[dict], settings: PairParams) -> tuple[list[dict], 
             pairs.append(
                 {
                     "prompt": row["prompt"],
-                    "chosen": _response(row["prompt"], row["responses"][chosen]),
-                    "rejected": _response(row["prompt"], row["responses"][rejected]),
+                    "chosen": as_response(row["prompt"], row["responses"][chosen]),
+                    "rejected": as_response(row["prompt"], row["responses"][rejected]),
                 }
             )
     stats = {
@@ -78,13 +75,14 @@ def judged_pairs(scored: list[dict], settings: PairParams) -> tuple[list[dict], 
 
 
 def length_stats(pairs: list[dict], tokenizer) -> dict[str, float | None]:
-    """Mean length (characters and tokens) of chosen and of rejected responses."""
+    """Mean length (characters) and mean and p95 length (tokens) of chosen and of rejected responses."""
     stats: dict[str, float | None] = {}
     for side in ("chosen", "rejected"):
         texts = [last_content(pair[side]) for pair in pairs]
         tokens = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
         stats[f"{side}_chars_mean"] = round(statistics.fmean(map(len, texts)), 2) if texts else None
-        stats[f"{side}_tokens_mean"] = round(statistics.fmean(tokens), 2) if tokens else None
+        summary = length_summary(tokens)
+        stats[f"{side}_tokens_mean"], stats[f"{side}_tokens_p95"] = summary["mean"], summary["p95"]
     return stats
 
 

@@ -20,3 +20,8 @@ def render(tokenizer, prompt: Any, response: Any = None) -> str:
 def last_content(value: Any) -> str:
     """The text of a string field, or of the last message of a message-list field."""
     return value if isinstance(value, str) else value[-1]["content"]
+
+
+def as_response(prompt: Any, text: str) -> Any:
+    """A response text in the prompt's format: an assistant message list for a message-list prompt."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tasks.lib import builtin_task
-from tasks.lib.chat import last_content, render
+from tasks.lib.chat import as_response, last_content, render
 from tasks.lib.errors import DataError, SettingError
 from tasks.lib.hashing import directory_digest
 from tasks.lib.policies import has_cuda, load_tokenizer
@@ -97,11 +97,7 @@ class RewardModelJudge:
         import torch
 
         texts = [
-            render(
-                self.template,
-                prompt,
-                [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response,
-            )
+            render(self.template, prompt, as_response(prompt, response))
             for prompt, response in zip(prompts, responses, strict=True)
         ]
         scores: list[float] = []
