@@ -20,6 +20,7 @@ from tasks.lib.generation import open_backend
 from tasks.lib.hashing import directory_digest, file_digest
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
+from tasks.lib.stats import length_summary
 from tasks.lib.training import claim_checkpoint_dir
 
 BATCH_SEED_STRIDE = 1_000_003
@@ -31,6 +32,7 @@ def batch_seed(seed: int, index: int) -> int:
 
 def sampling_fingerprint(params: Params, policy: Path, prompts: Path) -> dict:
     return {
+        "format": 2,  # rows carry `finished` flags since format 2: older checkpoints are not resumed
         "policy": directory_digest(policy),
         "prompts": file_digest(prompts),
         "generate": params.onpolicy.generate.model_dump(mode="json"),
@@ -46,7 +48,8 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
         prompts: the round's prompts (from prompts@<round>)
         out: prompts with their sampled responses (JSON lines)
         checkpoints: finished batches, for resuming
-        metrics: the stage's metrics (responses, empty ones, new tokens; tokens/s is printed, not stored)
+        metrics: the stage's metrics (responses, empty ones, new tokens, token lengths, EOS and truncation rates;
+            tokens/s is printed, not stored)
     """
     from tqdm import tqdm
 
@@ -70,7 +73,12 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
             [render(tokenizer, row["prompt"]) for row in batch], settings, batch_seed(settings.seed, index)
         )
         finished = [
-            {**row, "responses": [s.text for s in group], "tokens": [s.tokens for s in group]}
+            {
+                **row,
+                "responses": [s.text for s in group],
+                "tokens": [s.tokens for s in group],
+                "finished": [s.finished for s in group],
+            }
             for row, group in zip(batch, samples, strict=True)
         ]
         with atomic_path(checkpoints / f"{index:06d}.jsonl") as scratch:
@@ -81,6 +89,8 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
         write_records(scratch, generated)
     new_tokens = sum(sum(row["tokens"]) for row in generated)
     responses = [text for row in generated for text in row["responses"]]
+    finished = [flag for row in generated for flag in row["finished"]]
+    lengths = length_summary([count for row in generated for count in row["tokens"]])
     summary = {
         "policy": str(policy),
         "backend": settings.backend,
@@ -90,6 +100,10 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
         "empty_responses": sum(1 for text in responses if not text),
         "mean_response_chars": round(sum(map(len, responses)) / len(responses), 2) if responses else 0.0,
         "new_tokens": new_tokens,
+        "response_tokens_mean": lengths["mean"],
+        "response_tokens_p95": lengths["p95"],
+        "eos_rate": round(sum(finished) / len(finished), 4) if finished else None,
+        "truncated_rate": round(1 - sum(finished) / len(finished), 4) if finished else None,
         "batches": len(batches),
     }
     write_json(metrics, summary)

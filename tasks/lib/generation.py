@@ -20,6 +20,10 @@ class Completion:
     text: str
     tokens: int
     """Generated tokens up to and including the end of turn (padding excluded)."""
+    finished: bool
+    """Whether the response ended with a stop token (False: cut at `max_new_tokens`)."""
+    token_ids: tuple[int, ...] = ()
+    """The generated token ids (up to and including the stop token), for scoring them exactly."""
 
 
 class GenerationBackend(Protocol):
@@ -35,11 +39,12 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, policy: Path, model: ModelParams):
+    def __init__(self, policy: Path, model: ModelParams, loaded=None):
+        """`loaded`: the policy's model already in memory (the eval stage's), instead of loading a second copy."""
         self.tokenizer = load_tokenizer(str(policy), model)
         # Decoder-only models continue from the last position: pad on the left so it is a real token.
         self.tokenizer.padding_side = "left"
-        self.model = load_model(str(policy), model)
+        self.model = loaded if loaded is not None else load_model(str(policy), model)
         self.model.eval()
         if self.model.device.type == "cpu":
             import torch
@@ -80,7 +85,34 @@ class TransformersBackend:
     def _completion(self, tokens: list[int]) -> Completion:
         stop = next((i for i, token in enumerate(tokens) if token in self.stop_ids), None)
         kept = tokens if stop is None else tokens[: stop + 1]
-        return Completion(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(), tokens=len(kept))
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return Completion(text=text, tokens=len(kept), finished=stop is not None, token_ids=tuple(kept))
+
+
+def completion_logps(model, prompt_ids: list[list[int]], completions: list[list[int]], batch_size: int) -> list[float]:
+    """Sum of log p(token | everything before it) over each completion's tokens, given its prompt's tokens.
+
+    Scored on the token ids that were sampled, not on re-tokenised text: decoding and encoding again can
+    change the tokens (and a chat template adds text after the end of turn), which biases a log-ratio.
+    """
+    import torch
+
+    logps: list[float] = []
+    for start in range(0, len(completions), batch_size):
+        chunk = list(zip(prompt_ids[start : start + batch_size], completions[start : start + batch_size], strict=True))
+        width = max(len(prompt) + len(completion) for prompt, completion in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for row, (prompt, completion) in enumerate(chunk):  # padded on the right: positions need no shifting
+            ids[row, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+            attention[row, : len(prompt) + len(completion)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits
+        log_softmax = logits.float().log_softmax(-1).cpu()
+        for row, (prompt, completion) in enumerate(chunk):
+            positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+            logps.append(log_softmax[row, positions, torch.tensor(completion)].sum().item())
+    return logps
 
 
 BACKENDS: dict[str, type] = {"transformers": TransformersBackend}
