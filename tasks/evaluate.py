@@ -4,18 +4,37 @@ The project's task YAMLs (tasks/lm_eval_tasks/) define preference accuracy (mult
 log-likelihood), task accuracy from greedy generations, and held-out perplexity. This stage
 renders the held-out data with the evaluated model's own chat template, points the tasks at
 those documents, and writes `{metric: value}` for the model.
+
+The greedy answers lm-eval generated for the held-out prompts are kept (`--answers-out`), scored by
+the run's judge (`onpolicy.judge`), with their length in tokens. From them the stage also reports:
+- `answer_tokens_mean`, `answer_tokens_p95`, `answer_truncated_rate` (answers that reached
+  `eval.max_new_tokens` tokens) and `judge_score_mean`;
+- `kl_to_sft` (with `--sft-policy`): KL(pi || pi_sft) estimated by Monte Carlo, the mean of
+  log pi(y|x) - log pi_sft(y|x) over `eval.kl_samples` responses y sampled from the model (temperature 1)
+  for each held-out prompt, scored on the sampled token ids: how far the model moved from the frozen SFT
+  reference that every round's drift is measured against;
+- `win_rate_vs_<other>` (with `--versus-sft` / `--versus-previous`, the other model's answers): its
+  judged win rate on the same prompts (ties half), `..._ci_low`/`..._ci_high` (95 % bootstrap),
+  `lc_win_rate_vs_<other>` (length-controlled, see tasks/lib/stats.py) and `..._prompts`.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from tasks.lib.chat import last_content, render
-from tasks.lib.files import load_records, write_json, write_records
-from tasks.lib.policies import has_cuda, load_tokenizer
+from tasks.lib.chat import as_response, last_content, render
+from tasks.lib.errors import DataError
+from tasks.lib.files import atomic_path, load_records, write_json, write_records
+from tasks.lib.judges import open_judge
+from tasks.lib.policies import has_cuda, load_model, load_tokenizer
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
+from tasks.lib.stats import head_to_head, length_summary
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 REPORTED = {
@@ -48,7 +67,13 @@ def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -
         if context not in seen:
             seen.add(context)
             generation.append(
-                {"context": context, "question": last_content(pair["prompt"]), "chosen": last_content(pair["chosen"])}
+                {
+                    "context": context,
+                    "question": last_content(pair["prompt"]),
+                    "chosen": last_content(pair["chosen"]),
+                    # JSON text: one column type whatever the data format, for lm-eval's dataset loader.
+                    "prompt_json": json.dumps(pair["prompt"], ensure_ascii=False),
+                }
             )
     perplexity = []
     for row in sft_heldout:
@@ -60,8 +85,96 @@ def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -
     return {"sftdpo_preference": preference, "sftdpo_generation": generation, "sftdpo_perplexity": perplexity}
 
 
-def evaluate_model(params: Params, model: Path, eval_pairs: Path, sft_heldout: Path, out: Path) -> dict:
-    """Evaluate one model with lm-eval on the held-out data; write `{metric: value}`.
+def prompt_key(prompt: Any) -> str:
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def open_lm(params: Params, model: Path):
+    """lm-eval's `hf` model on a folder, as `lm_eval --model hf` would build it."""
+    from lm_eval.api.registry import get_model
+
+    return get_model("hf").create_from_arg_obj(
+        {"pretrained": str(model), "dtype": params.model.dtype, "trust_remote_code": params.model.trust_remote_code},
+        {"batch_size": params.eval.batch_size, "device": "cuda" if has_cuda() else "cpu"},
+    )
+
+
+def greedy_answers(params: Params, generation_samples: list[dict], tokenizer) -> list[dict]:
+    """The generation task's logged samples as answers: prompt, reference answer, response and its length."""
+    answers = []
+    for sample in sorted(generation_samples, key=lambda sample: sample["doc_id"]):
+        response = sample["filtered_resps"][0].strip()
+        tokens = len(tokenizer(response, add_special_tokens=False)["input_ids"])
+        answers.append(
+            {
+                "prompt": json.loads(sample["doc"]["prompt_json"]),
+                "reference": sample["doc"]["chosen"],
+                "response": response,
+                "tokens": tokens,
+                "truncated": tokens >= params.eval.max_new_tokens,
+            }
+        )
+    return answers
+
+
+def answer_logps(lm, tokenizer, answers: list[dict]) -> list[float]:
+    """log p(answer | prompt) under `lm`, the answer rendered as it follows the prompt (end of turn included)."""
+    from lm_eval.api.instance import Instance
+
+    requests = []
+    for index, answer in enumerate(answers):
+        context = render(tokenizer, answer["prompt"])
+        continuation = _continuation(
+            tokenizer, answer["prompt"], as_response(answer["prompt"], answer["response"]), context
+        )
+        requests.append(Instance("loglikelihood", {}, (context, continuation), index))
+    return [logp for logp, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+
+
+def answer_metrics(params: Params, answers: list[dict]) -> dict[str, float | None]:
+    lengths = length_summary([answer["tokens"] for answer in answers])
+    return {
+        "answer_tokens_mean": lengths["mean"],
+        "answer_tokens_p95": lengths["p95"],
+        "answer_truncated_rate": statistics.fmean(answer["truncated"] for answer in answers) if answers else None,
+        "judge_score_mean": statistics.fmean(answer["score"] for answer in answers) if answers else None,
+    }
+
+
+def versus(answers: list[dict], other_answers: Path, name: str) -> dict[str, float | int]:
+    """Head-to-head figures of these answers against another model's, on the prompts both answered."""
+    theirs = {prompt_key(answer["prompt"]): answer for answer in load_records(other_answers)}
+    matched = [(answer, theirs.get(prompt_key(answer["prompt"]))) for answer in answers]
+    matched = [(ours, other) for ours, other in matched if other is not None]
+    if not matched:
+        raise DataError(f"--versus-{name} {other_answers}: answers to none of this model's {len(answers)} prompts")
+    result = head_to_head(
+        [ours["score"] for ours, _ in matched],
+        [other["score"] for _, other in matched],
+        [ours["tokens"] for ours, _ in matched],
+        [other["tokens"] for _, other in matched],
+    )
+    return {
+        f"win_rate_vs_{name}": result["win_rate"],
+        f"win_rate_vs_{name}_ci_low": result["ci_low"],
+        f"win_rate_vs_{name}_ci_high": result["ci_high"],
+        f"lc_win_rate_vs_{name}": result["lc_win_rate"],
+        f"win_rate_vs_{name}_prompts": result["prompts"],
+    }
+
+
+def evaluate_model(
+    params: Params,
+    model: Path,
+    eval_pairs: Path,
+    sft_heldout: Path,
+    out: Path,
+    answers_out: Path,
+    sft_policy: Path | None = None,
+    versus_sft: Path | None = None,
+    versus_previous: Path | None = None,
+) -> dict:
+    """Evaluate one model with lm-eval on the held-out data; write `{metric: value}` and its judged greedy answers.
 
     Args:
         params: the pipeline's params
@@ -69,6 +182,10 @@ def evaluate_model(params: Params, model: Path, eval_pairs: Path, sft_heldout: P
         eval_pairs: prepared held-out pairs
         sft_heldout: held-out SFT rows
         out: the model's metrics, JSON `{metric: value}`
+        answers_out: its greedy answers to the held-out prompts, judged, with lengths (JSON lines)
+        sft_policy: the SFT policy, to estimate the model's KL from it with `eval.kl_samples` samples (optional)
+        versus_sft: the SFT policy's answers, for the win rate against it (optional)
+        versus_previous: the previous round's policy's answers, for the win rate against it (optional)
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -76,6 +193,7 @@ def evaluate_model(params: Params, model: Path, eval_pairs: Path, sft_heldout: P
 
     tokenizer = load_tokenizer(str(model), params.model)
     documents = task_documents(tokenizer, load_records(eval_pairs), load_records(sft_heldout))
+    lm = open_lm(params, model)
     with tempfile.TemporaryDirectory() as scratch:
         specs = []
         for task in params.eval.tasks:
@@ -90,28 +208,71 @@ def evaluate_model(params: Params, model: Path, eval_pairs: Path, sft_heldout: P
                     "max_gen_toks": params.eval.max_new_tokens,
                 }
             specs.append(spec)
-        results = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={
-                "pretrained": str(model),
-                "dtype": params.model.dtype,
-                "trust_remote_code": params.model.trust_remote_code,
-            },
+        evaluation = lm_eval.simple_evaluate(
+            model=lm,
             tasks=specs,
             task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
-            batch_size=params.eval.batch_size,
             limit=params.eval.limit,
-            device="cuda" if has_cuda() else "cpu",
-            log_samples=False,
-        )["results"]
-    scores = {
+            log_samples=True,
+        )
+    results = evaluation["results"]
+    scores: dict[str, Any] = {
         name: results[task][f"{metric},none"]
         for (task, metric), name in REPORTED.items()
         if task in results and f"{metric},none" in results[task]
     }
+    answers = greedy_answers(params, evaluation["samples"].get("sftdpo_generation", []), tokenizer)
+    if answers:
+        judged = open_judge(params, model).score([a["prompt"] for a in answers], [a["response"] for a in answers])
+        for answer, score in zip(answers, judged, strict=True):
+            answer["score"] = score
+        scores.update(answer_metrics(params, answers))
+        if sft_policy is not None and params.eval.kl_samples > 0:
+            scores["kl_to_sft"] = kl_estimate(params, lm, model, sft_policy, tokenizer, answers)
+        for name, other in (("sft", versus_sft), ("previous", versus_previous)):
+            if other is not None:
+                scores.update(versus(answers, other, name))
+    with atomic_path(answers_out) as scratch:
+        write_records(scratch, answers)
     write_json(out, scores)
-    print(f"{model}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    print(f"{model}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, float)))
     return scores
+
+
+def kl_estimate(params: Params, lm, model: Path, sft_policy: Path, tokenizer, answers: list[dict]) -> float:
+    """Monte Carlo KL(model || SFT) over the answers' prompts; each answer keeps its samples and their log-probs."""
+    from tasks.lib.generation import TransformersBackend, completion_logps
+
+    settings = params.onpolicy.generate.model_copy(
+        update={
+            "samples_per_prompt": params.eval.kl_samples,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_new_tokens": params.eval.max_new_tokens,
+        }
+    )
+    backend = TransformersBackend(model, params.model, loaded=lm.model)
+    per_call = max(1, params.eval.batch_size // params.eval.kl_samples)
+    prompt_ids, completions = [], []
+    for index, start in enumerate(range(0, len(answers), per_call)):
+        batch = answers[start : start + per_call]
+        rendered = [render(tokenizer, answer["prompt"]) for answer in batch]
+        for text, group in zip(rendered, backend.sample(rendered, settings, params.eval.seed + index), strict=True):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompt_ids.extend([ids] * len(group))
+            completions.extend(group)
+    token_ids = [list(completion.token_ids) for completion in completions]
+    own = completion_logps(backend.model, prompt_ids, token_ids, params.eval.batch_size)
+    reference = completion_logps(
+        load_model(str(sft_policy), params.model).eval(), prompt_ids, token_ids, params.eval.batch_size
+    )
+    per_prompt = params.eval.kl_samples
+    for position, answer in enumerate(answers):
+        answer["kl_samples"] = [
+            {"response": completions[i].text, "logp": own[i], "sft_logp": reference[i]}
+            for i in range(position * per_prompt, (position + 1) * per_prompt)
+        ]
+    return math.fsum(a - b for a, b in zip(own, reference, strict=True)) / len(completions)
 
 
 if __name__ == "__main__":

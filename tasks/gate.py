@@ -7,7 +7,8 @@ guard metrics, within the tolerances of `dpo.gate`: task accuracy may not fall b
 folder (what the next round and `merge` start from) is then a copy of the candidate, or of the
 starting policy when refused; `promotion.json` inside it names the round whose training it holds.
 The round's eval file holds the metrics of that policy, the decision, its reasons, and the
-candidate's own metrics.
+candidate's own metrics; the round's answers file is that policy's judged greedy answers, which the
+next round's win rate against the previous round reads.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from tasks.lib.policies import PROMOTION_FILE, trained_round
 from tasks.lib.schema import GateParams, Params
 from tasks.lib.stage import stage_main
 
-METRICS = ("preference_accuracy", "task_accuracy", "correct", "polite", "perplexity")
-
 
 def policy_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    return {name: evaluation[name] for name in METRICS if name in evaluation}
+    """The numbers of a model's eval file (an older gate file also holds the decision, which is not a metric)."""
+    return {
+        name: value
+        for name, value in evaluation.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def refusals(gate: GateParams, candidate: dict[str, float], baseline: dict[str, float], guard: dict) -> list[str]:
@@ -61,8 +65,11 @@ def gate_round(
     round_metrics: Path,
     baseline: Path,
     baseline_eval: Path,
+    candidate_answers: Path,
+    baseline_answers: Path,
     out: Path,
     eval_out: Path,
+    answers_out: Path,
 ) -> dict:
     """Promote the round's candidate, or keep the policy it started from; write that policy and its eval.
 
@@ -74,8 +81,11 @@ def gate_round(
         round_metrics: the dpo stage's metrics (collapse guard)
         baseline: the policy the round started from
         baseline_eval: its evaluation
+        candidate_answers: the candidate's judged greedy answers (from its eval stage)
+        baseline_answers: the starting policy's judged greedy answers
         out: the round's policy after the gate
         eval_out: that policy's metrics, the decision and its reasons
+        answers_out: that policy's judged greedy answers
     """
     candidate_scores = policy_metrics(read_json(candidate_eval))
     baseline_scores = policy_metrics(read_json(baseline_eval))
@@ -95,6 +105,8 @@ def gate_round(
         "candidate": candidate_scores,
         "started_from": baseline_scores,
     }
+    with atomic_path(answers_out) as scratch:
+        shutil.copyfile(candidate_answers if promoted else baseline_answers, scratch)
     write_json(eval_out, decision)
     if promoted:
         print(f"gate: {round_name} promoted")

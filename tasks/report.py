@@ -14,7 +14,9 @@ from tasks.lib.files import read_json, write_json
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 
-COLUMNS = ("preference_accuracy", "task_accuracy", "correct", "polite", "perplexity")
+COLUMNS = ("preference_accuracy", "task_accuracy", "correct", "polite", "perplexity", "win_rate_vs_sft", "kl_to_sft")
+"""The printed table's columns; metrics/eval.json holds every metric of the eval stages."""
+DECISION_KEYS = ("promoted", "source", "reasons", "candidate", "started_from")
 
 
 def collect(params: Params, evals: Path) -> dict[str, dict[str, float]]:
@@ -26,7 +28,7 @@ def collect(params: Params, evals: Path) -> dict[str, dict[str, float]]:
     scores = {}
     for name in names:
         evaluation = read_json(evals / f"{name}.json")
-        scores[name] = {key: value for key, value in evaluation.items() if key in COLUMNS}
+        scores[name] = {key: value for key, value in evaluation.items() if key not in DECISION_KEYS}
         if evaluation.get("promoted") is False:
             scores[f"{name}*"] = evaluation["candidate"]
     return scores
@@ -49,15 +51,29 @@ def round_notes(params: Params, evals: Path, metrics: Path) -> dict[str, str]:
 
 def table(scores: dict[str, dict[str, float]], notes: dict[str, str]) -> str:
     columns = [c for c in COLUMNS if any(c in row for row in scores.values())]
-    header = f"{'model':<8}" + "".join(f"{c:>21}" for c in columns) + f"{'gate':>24}"
+    header = f"{'model':<8}" + "".join(f"{c:>20}" for c in columns) + f"{'gate':>24}"
     lines = [header, "-" * len(header)]
     for name, row in scores.items():
-        cells = "".join(f"{row[c]:>21.4f}" if c in row else f"{'-':>21}" for c in columns)
+        cells = "".join(f"{row[c]:>20.4f}" if c in row else f"{'-':>20}" for c in columns)
         lines.append(f"{name:<8}{cells}{notes.get(name, ''):>24}")
     return "\n".join(lines)
 
 
-def write_report(params: Params, evals: Path, metrics: Path, out: Path) -> None:
+def plot_rows(params: Params, scores: dict[str, dict[str, float]]) -> list[dict]:
+    """One row per model in pipeline order (`position` 0 is SFT), for DVC's plots of metrics across rounds.
+
+    Every row has every metric (null where a model has none, e.g. SFT's win rate against itself): DVC reads
+    a plot file's fields from its first row and refuses rows that lack one.
+    """
+    names = ["sft", *params.dpo.rounds, "merged"]
+    metrics = sorted({metric for name in names for metric in scores[name]})
+    return [
+        {"position": position, "model": name, **{metric: scores[name].get(metric) for metric in metrics}}
+        for position, name in enumerate(names)
+    ]
+
+
+def write_report(params: Params, evals: Path, metrics: Path, out: Path, plot: Path) -> None:
     """Collect every model's metrics into `out` and print the table (the gate's decisions and guard flags beside it).
 
     Args:
@@ -65,9 +81,11 @@ def write_report(params: Params, evals: Path, metrics: Path, out: Path) -> None:
         evals: folder of per-model evaluations
         metrics: folder of the rounds' metrics
         out: `{model: {metric: value}}` (metrics/eval.json)
+        plot: the same metrics as rows in pipeline order, for `dvc plots` (x: position)
     """
     scores = collect(params, evals)
     write_json(out, scores)
+    write_json(plot, plot_rows(params, scores))
     notes = round_notes(params, evals, metrics)
     print(table(scores, notes))
     failed = [name for name, note in notes.items() if "FAILED-QUALITY" in note]

@@ -35,6 +35,7 @@ def test_every_stage_ran(pipeline_log):
         "merge",
         "eval_merged",
         "report",
+        "dashboard",
     } | rounds == ran
 
 
@@ -46,7 +47,7 @@ def test_sft_loss_fell(pipeline):
 def test_first_dpo_step_sees_policy_equal_to_reference(pipeline):
     """Stored reference log-probs match the policy at step 1: zero rewards (the sigmoid term is ln 2; the
     default loss adds an SFT term on the chosen responses)."""
-    first = read_json(pipeline / "plots" / "dpo_r1.json")[0]
+    first = read_json(pipeline / "plots" / "dpo" / "r1.json")[0]
     assert first["step"] == 1
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
@@ -60,6 +61,53 @@ def test_onpolicy_dpo_raises_heldout_preference_accuracy_without_collapse(pipeli
     assert candidate["preference_accuracy"] > scores["sft"]["preference_accuracy"] + 0.05
     for name in ("r1", "r2"):
         assert read_json(pipeline / "metrics" / f"dpo_{name}.json")["quality"] == "ok"
+
+
+def test_eval_stages_report_win_rates_and_kl_recomputable_from_the_answers_they_keep(pipeline):
+    from tasks.lib.files import load_records
+    from tasks.lib.judges import RuleJudge
+    from tasks.lib.params import load_params
+    from tasks.lib.stats import head_to_head
+
+    params = load_params(pipeline / "params.yaml")
+    answers = {name: load_records(pipeline / "data/answers" / f"{name}.jsonl") for name in ("sft", "candidate_r1")}
+    candidate = read_json(pipeline / "metrics/eval/candidate_r1.json")
+    ours, sft = answers["candidate_r1"], answers["sft"]
+    assert len(ours) == len(sft) == candidate["win_rate_vs_sft_prompts"] == params.eval.limit
+    assert [a["prompt"] for a in ours] == [a["prompt"] for a in sft]
+    judge = RuleJudge(params.onpolicy.judge)
+    assert [a["score"] for a in ours] == judge.score([a["prompt"] for a in ours], [a["response"] for a in ours])
+    figures = head_to_head(*([a[key] for a in side] for key in ("score", "tokens") for side in (ours, sft)))
+    assert candidate["win_rate_vs_sft"] == figures["win_rate"]
+    assert candidate["lc_win_rate_vs_sft"] == pytest.approx(figures["lc_win_rate"])
+    assert candidate["win_rate_vs_sft_ci_low"] <= candidate["win_rate_vs_sft"] <= candidate["win_rate_vs_sft_ci_high"]
+    samples = [sample for answer in ours for sample in answer["kl_samples"]]
+    assert len(samples) == params.eval.kl_samples * len(ours)
+    kl = sum(sample["logp"] - sample["sft_logp"] for sample in samples) / len(samples)
+    assert candidate["kl_to_sft"] == pytest.approx(kl)
+    scores = read_json(pipeline / "metrics" / "eval.json")
+    # Two rounds of DPO moved the policy away from SFT (0.10 measured, 2.7 standard errors above 0).
+    assert scores["r2"]["kl_to_sft"] > 0
+    for name in ("r1", "r2", "merged"):
+        assert {"win_rate_vs_sft", "lc_win_rate_vs_sft", "kl_to_sft", "answer_tokens_p95"} <= set(scores[name])
+    assert "win_rate_vs_previous" in scores["r2"]
+
+
+def test_completion_logps_match_a_direct_forward_pass_batched_or_not(pipeline):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.lib.generation import completion_logps
+
+    model = AutoModelForCausalLM.from_pretrained(pipeline / "models/policies/sft").eval()
+    prompts, completions = [[5, 9, 17, 4], [3, 8]], [[11, 12, 2], [40, 41, 42, 43, 2]]
+    batched = completion_logps(model, prompts, completions, batch_size=2)
+    for prompt, completion, logp in zip(prompts, completions, batched, strict=True):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            direct = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+        assert logp == pytest.approx(direct[len(prompt) - 1 :].sum().item(), abs=1e-4)
+    assert completion_logps(model, prompts, completions, batch_size=1) == pytest.approx(batched, abs=1e-4)
 
 
 def test_round_pairs_come_from_the_policys_own_judged_samples(pipeline):

@@ -348,6 +348,11 @@ class EvalParams(Section):
         default_factory=lambda: ["sftdpo_preference", "sftdpo_generation", "sftdpo_perplexity"], min_length=1
     )
     """lm-eval tasks from `tasks/lm_eval_tasks/` to run on every model."""
+    kl_samples: int = Field(4, ge=0)
+    """Responses sampled (temperature 1) per held-out prompt to estimate each model's KL from the SFT policy
+    (`kl_to_sft`); 0 skips the estimate."""
+    seed: int = 0
+    """Seed of those samples."""
 
 
 class NextRoundParams(Section):
