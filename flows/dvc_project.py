@@ -38,6 +38,8 @@ class StageGraph:
     """For each stage, the stages whose outputs it reads."""
     metric_files: dict[str, list[str]]
     """For each stage, its metrics and plots files (paths relative to the project)."""
+    outputs: dict[str, list[str]]
+    """For each stage, every output path (relative to the project)."""
     changed: set[str]
     """Stages whose dependencies, params or outputs differed from dvc.lock when the graph was read (`dvc status`)."""
 
@@ -76,10 +78,11 @@ def read_graph(root: Path) -> StageGraph:
         metric_files = {
             stage.name: [str(out.def_path) for out in stage.outs if out.metric or out.plot] for stage in stages
         }
+        outputs = {stage.name: [str(out.def_path) for out in stage.outs] for stage in stages}
         # Status is keyed by addresses relative to the working directory; map them back to stage names.
         names = {stage.addressing: stage.name for stage in stages}
         changed = {names[address] for address in repo.status()}
-    return StageGraph(order, upstream, metric_files, changed)
+    return StageGraph(order, upstream, metric_files, outputs, changed)
 
 
 def stage_environment() -> dict[str, str]:

@@ -3,7 +3,8 @@
 The flow holds no ML logic and no stage list. It validates the run's params, reads the stage graph
 from DVC, runs each stage with `dvc repro --single-item` (so DVC decides ran / skipped / restored
 from its run-cache and records dvc.lock), forwards every line of output to the run's logs, records
-the run as a DVC experiment and publishes the `eval-summary` and `run-report` artifacts.
+the run as a DVC experiment and publishes the `eval-summary` and `run-report` artifacts, and the `dashboard`
+stage's page: a link artifact to the file and its headline (tables and charts) as a markdown artifact.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed
@@ -44,6 +45,8 @@ FLOW_NAME = "sft-dpo"
 PARAMS_FILE = "params.yaml"
 SUMMARY_STAGE = "report"
 """The stage whose metrics file is the `{model: {metric: value}}` table shown as `eval-summary`."""
+DASHBOARD_STAGE = "dashboard"
+"""The stage whose outputs are the eval dashboard page (.html) and its headline (.md)."""
 
 
 @dataclass
@@ -167,6 +170,26 @@ def _record(root: Path, graph: StageGraph) -> tuple[str | None, str]:
     )
 
 
+def publish_dashboard(root: Path, graph: StageGraph) -> None:
+    """The dashboard page as a link artifact and its headline as a markdown artifact (when dvc.yaml has the stage)."""
+    outputs = [root / path for path in graph.outputs.get(DASHBOARD_STAGE, [])]
+    page = next((path for path in outputs if path.suffix == ".html" and path.is_file()), None)
+    headline = next((path for path in outputs if path.suffix == ".md" and path.is_file()), None)
+    if page is not None:
+        create_link_artifact(
+            key="dashboard",
+            link=page.as_uri(),
+            link_text=f"eval dashboard ({page.relative_to(root)}, opens offline)",
+            description="The run's eval dashboard: every round's metrics, win rates, lengths, curves, answers",
+        )
+    if headline is not None:
+        create_markdown_artifact(
+            key="dashboard-headline",
+            markdown=headline.read_text(encoding="utf-8"),
+            description="Headline of the eval dashboard: eval table, win rates and the main charts",
+        )
+
+
 @flow(name=FLOW_NAME, persist_result=False)
 def sft_dpo(
     overrides: dict[str, Any] | None = None, rounds: int | None = None, next_round: bool = False, project: str = "."
@@ -212,6 +235,7 @@ def sft_dpo(
         table=eval_summary_rows(read_scores(summary_file), previous_scores),
         description="Eval metrics per model (change since the previous run)",
     )
+    publish_dashboard(root, graph)
     outcomes = {run.name: run.outcome for run in runs}
     ran = [name for name, outcome in outcomes.items() if outcome != SKIPPED]
     restored = [name for name, outcome in outcomes.items() if outcome == RESTORED]

@@ -78,6 +78,10 @@ def test_run_after_repro_skips_every_stage_and_publishes_the_dashboard(flow_proj
     assert rows[0]["preference_accuracy"].endswith("(+0)")
     report = latest_artifact("run-report").data
     assert "| sft | Skipped |" in report and "Params that differ from params.yaml" in report
+    # Prefect stores a link artifact as a markdown link.
+    assert (project / "reports" / "dashboard.html").as_uri() in latest_artifact("dashboard").data
+    headline = latest_artifact("dashboard-headline").data
+    assert "| r1 | sft |" in headline and headline.count("](data:image/png;base64,") >= 3
 
 
 def test_override_reruns_what_dvc_says_then_restores_from_run_cache(flow_project):
@@ -90,7 +94,7 @@ def test_override_reruns_what_dvc_says_then_restores_from_run_cache(flow_project
     assert state.is_completed(), state.message
     ran = {name for name, outcome in state.result()["stages"].items() if outcome != SKIPPED}
     gates = {"gate@r1", "gate@r2"}
-    assert gates <= ran <= gates | {"check_params", "lineage@r1", "lineage@r2", "report"}
+    assert gates <= ran <= gates | {"check_params", "lineage@r1", "lineage@r2", "report", "dashboard"}
     assert (project / "params.yaml").read_text() == params_before, "a one-run override must not stay in params.yaml"
     assert "`dpo.gate.max_perplexity_rise`: 1.0 → 1.5" in latest_artifact("run-report").data
 
@@ -135,7 +139,7 @@ def test_failing_stage_fails_the_flow_with_its_message_and_rerun_resumes_there(f
     # so nothing downstream of it in round 1 does. params.yaml is back from the failed run's overrides, so
     # check_params runs again (to the same stamp).
     round_two = {name for name in outcomes if name.endswith("@r2")}
-    assert active <= {"check_params", "prompts@r1", "merge", "eval_merged", "report"} | round_two
+    assert active <= {"check_params", "prompts@r1", "merge", "eval_merged", "report", "dashboard"} | round_two
     assert not active & {"base", "prepare", "sft", "reference", "generate@r1", "pairs@r1", "dpo@r1", "eval_sft"}
 
 

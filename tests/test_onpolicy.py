@@ -232,7 +232,7 @@ def test_adding_round_three_reruns_only_round_three_and_what_follows(project_cop
     log = dvc(project_copy, "repro").stdout
     ran = set(re.findall(r"Running stage '([^']+)'", log))
     chain = {f"{stage}@r3" for stage in ROUND_STAGES}
-    assert chain <= ran <= chain | {"check_params", "merge", "eval_merged", "report"}
+    assert chain <= ran <= chain | {"check_params", "merge", "eval_merged", "report", "dashboard"}
     prompts = read_json(project_copy / "metrics" / "rounds" / "r3" / "prompts.json")
     per_round = read_params(project_copy)["onpolicy"]["prompts"]["per_round"]
     assert prompts["pool_exhausted"] and prompts["reused_prompts"] == per_round and "prompt pool is exhausted" in log
