@@ -266,7 +266,7 @@ def eval_table_panel(view: RunView, files: RunFiles) -> Panel:
         "Evaluation of every model",
         "Rows in pipeline order: SFT, each round's policy after the gate (a refused round's own candidate follows "
         "as <round>*), the merged model. Each cell: value, then its change against SFT and against the row above "
-        "(the previous round).",
+        "(the previous round) in small print.",
     )
     rows: list[tuple[str, dict]] = []
     for name in view.models:
@@ -280,18 +280,18 @@ def eval_table_panel(view: RunView, files: RunFiles) -> Panel:
     sft = view.evals.get(SFT_POLICY) or {}
     table_rows, previous = [], None
     for name, row in rows:
-        cells = [name]
+        cells: list[Any] = [name]
         for column in columns:
             value = row.get(column)
             if not isinstance(value, (int, float)):
                 cells.append("-")
                 continue
-            parts = [f"{value:.4f}"]
+            changes = []
             if name != SFT_POLICY and isinstance(sft.get(column), (int, float)):
-                parts.append(f"Δsft {value - sft[column]:+.4f}")
+                changes.append(f"{value - sft[column]:+.4f} vs sft")
             if previous is not None and isinstance(previous.get(column), (int, float)) and name != SFT_POLICY:
-                parts.append(f"Δprev {value - previous[column]:+.4f}")
-            cells.append(" · ".join(parts))
+                changes.append(f"{value - previous[column]:+.4f} vs prev")
+            cells.append((f"{value:.4f}", ", ".join(changes)) if changes else f"{value:.4f}")
         table_rows.append(cells)
         if not name.endswith("*"):
             previous = row
@@ -806,6 +806,11 @@ def page_html(panels: list[Panel], title: str) -> str:
     )
 
 
+def _markdown_cell(cell: str | tuple[str, str]) -> str:
+    text = cell if isinstance(cell, str) else f"{cell[0]} ({cell[1]})"
+    return text.replace("|", "\\|")
+
+
 def headline_markdown(panels: dict[str, Panel]) -> str:
     """The eval table, the win rates and the headline charts as PNG data URIs (Prefect's markdown artifact)."""
     import vl_convert
@@ -814,7 +819,7 @@ def headline_markdown(panels: dict[str, Panel]) -> str:
     for table in panels["eval-table"].tables[:1] + panels["win-rate"].tables:
         lines += [f"**{table['caption']}**", "", "| " + " | ".join(table["header"]) + " |"]
         lines += ["| " + " | ".join("---" for _ in table["header"]) + " |"]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in table["rows"]]
+        lines += ["| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in table["rows"]]
         lines.append("")
     for panel_id in ("win-rate", "metrics-by-round", "length-drift"):
         for chart in panels[panel_id].charts[:2]:

@@ -131,10 +131,12 @@ def chromium() -> str | None:
     chromium() is None and os.environ.get("SFT_DPO_REQUIRE_BROWSER") != "1",
     reason="no Chromium on this machine (`make test` installs Debian's chromium where it can; CI requires it)",
 )
-def test_every_panel_draws_offline_in_chromium(pipeline, tmp_path):
+def test_every_panel_draws_offline_in_chromium(request, tmp_path):
+    """On the micro pipeline's page, or on the page SFT_DPO_DASHBOARD names (the demo's, for README's screenshot)."""
     from playwright.sync_api import sync_playwright
 
-    page_file = pipeline / "reports" / "dashboard.html"
+    chosen = os.environ.get("SFT_DPO_DASHBOARD")
+    page_file = Path(chosen).resolve() if chosen else request.getfixturevalue("pipeline") / "reports" / "dashboard.html"
     problems, requests = [], []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
