@@ -177,3 +177,35 @@ def test_every_panel_draws_offline_in_chromium(request, tmp_path):
     assert row_count == 10 and cells_per_row == {len(header)}
     if os.environ.get("SFT_DPO_SCREENSHOT"):
         shutil.copy(tmp_path / "dashboard.png", os.environ["SFT_DPO_SCREENSHOT"])
+
+
+def exp_show_entry(rev: str, name: str | None, beta: float, task_accuracy: float | None) -> dict:
+    """One revision as `dvc exp show --json` (DVC 3) writes it, reduced to what the page reads."""
+    metrics = {"metrics/eval.json": {"data": {"merged": {"task_accuracy": task_accuracy}}}} if task_accuracy else {}
+    params = {"params.yaml": {"data": {"dpo": {"loss": {"beta": beta}}, "model": {"base": "builtin"}}}}
+    return {"rev": rev, "name": name, "data": {"rev": rev, "params": params, "metrics": metrics}, "error": None}
+
+
+def test_runs_compared_tabulates_changed_params_and_plots_a_metric_against_them(run_files, tmp_path, monkeypatch):
+    shown = [
+        {**exp_show_entry("workspace", None, 0.1, 0.76), "experiments": None},
+        {
+            **exp_show_entry("a" * 40, "main", 0.1, None),
+            "experiments": [
+                {"revs": [{**exp_show_entry("b" * 40, "beta-05", 0.5, 0.70), "experiments": None}], "name": "beta-05"},
+                {"revs": [{**exp_show_entry("c" * 40, "beta-02", 0.2, 0.74), "experiments": None}], "name": "beta-02"},
+            ],
+        },
+    ]
+    monkeypatch.setattr("tasks.dashboard.show_experiments", lambda project: (shown, None))
+    page = render(run_files, tmp_path / "out").read_text()
+    section = page[page.index('<section id="runs"') :]
+    assert "<th>dpo.loss.beta</th>" in section and "<th>model.base</th>" not in section  # only what differs
+    assert "<td>beta-05 (experiment)</td><td>0.5</td><td>0.7000</td>" in section
+    specs = json.loads(re.search(r'<script id="specs" type="application/json">(.*?)</script>', page, re.S).group(1))
+    points = specs["runs-chart-0"]["data"]["values"]
+    assert {(p["run"], p["param_value"], p["value"]) for p in points} == {
+        ("workspace", 0.1, 0.76),
+        ("beta-05 (experiment)", 0.5, 0.7),
+        ("beta-02 (experiment)", 0.2, 0.74),
+    }
