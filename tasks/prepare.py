@@ -1,4 +1,4 @@
-"""Stage `prepare`: validate the SFT data and held-out preference pairs, deduplicate, split, report.
+"""Stage `prepare`: convert and validate the SFT data and held-out pairs, deduplicate, sample, split, report.
 
 Writes the SFT train and held-out splits, the held-out pairs, and a data report (DVC metric) with
 counts, dropped lines and why, duplicates, token-length statistics and truncation counts.
@@ -26,6 +26,15 @@ def split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [rows[i] for i in train], [rows[i] for i in heldout]
 
 
+def sample(rows: list, fraction: float, max_rows: int | None, seed: int) -> list:
+    """A seeded sample of the rows, in their original order: `fraction` of them, at most `max_rows`."""
+    keep = min(len(rows), max(1, round(len(rows) * fraction)), max_rows or len(rows))
+    if keep == len(rows):
+        return rows
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), keep))
+    return [rows[i] for i in chosen]
+
+
 def prepare(
     params: Params,
     sft: Path,
@@ -43,15 +52,19 @@ def prepare(
 
     Args:
         params: the pipeline's params
-        sft: SFT data (JSON lines)
-        eval_pairs: held-out preference pairs (JSON lines)
+        sft: SFT data (JSON lines or JSON, parquet, a save_to_disk folder; TRL, ShareGPT or Alpaca rows)
+        eval_pairs: held-out preference pairs (same kinds of source; TRL, ShareGPT, HH or Alpaca rows)
         base: base folder (its tokenizer measures lengths)
         sft_train: the SFT rows trained on (JSON lines)
         sft_heldout: the held-out SFT rows (JSON lines)
         eval_pairs_out: the validated held-out pairs (JSON lines)
         report: the data report (DVC metric), with every dropped line as file:line: reason
     """
-    results = {"sft": read_records(sft, "sft"), "eval_pairs": read_records(eval_pairs, "pairs")}
+    data = params.data
+    results = {
+        "sft": read_records(sft, "sft", data.format),
+        "eval_pairs": read_records(eval_pairs, "pairs", data.format),
+    }
     problems = []
     for result in results.values():
         try:
@@ -60,25 +73,30 @@ def prepare(
             problems.append(str(error))
     if problems:
         raise DataError("\n".join(problems))
-    if len(results["sft"].rows) < 2:
+    sampled = {
+        name: sample(result.rows, data.sample_fraction, data.max_rows, data.seed) for name, result in results.items()
+    }
+    if len(sampled["sft"]) < 2:
         raise DataError(f"{sft}: need at least 2 SFT rows to hold one out")
 
     name_or_path, revision = resolve_base(base)
     tokenizer = load_tokenizer(name_or_path, params.model, revision)
-    train, heldout = split(results["sft"].rows, params.data.heldout_fraction, params.data.seed)
+    train, heldout = split(sampled["sft"], data.heldout_fraction, data.seed)
     summary = {
         "sft": {
             **file_report(results["sft"]),
+            "sampled": len(sampled["sft"]),
             "train": len(train),
             "heldout": len(heldout),
-            **token_length_report(results["sft"].rows, tokenizer, params.sft.max_length),
+            **token_length_report(sampled["sft"], tokenizer, params.sft.max_length),
         },
         "eval_pairs": {
             **file_report(results["eval_pairs"]),
-            **token_length_report(results["eval_pairs"].rows, tokenizer, params.dpo.sequence.max_length),
+            "sampled": len(sampled["eval_pairs"]),
+            **token_length_report(sampled["eval_pairs"], tokenizer, params.dpo.sequence.max_length),
         },
     }
-    for path, rows in ((sft_train, train), (sft_heldout, heldout), (eval_pairs_out, results["eval_pairs"].rows)):
+    for path, rows in ((sft_train, train), (sft_heldout, heldout), (eval_pairs_out, sampled["eval_pairs"])):
         with atomic_path(path) as scratch:
             write_records(scratch, rows)
     write_json(report, summary)

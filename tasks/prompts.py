@@ -32,7 +32,7 @@ def incoming_pairs(params: Params, incoming: Path) -> tuple[list[dict], dict]:
     """The validated human pairs of the round, or none when no file was dropped in."""
     if not incoming.exists():
         return [], {"file": None}
-    result = read_records(incoming, "pairs")
+    result = read_records(incoming, "pairs", params.data.format)
     enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
     return result.rows, {"file": str(incoming), **file_report(result)}
 
@@ -45,13 +45,13 @@ def draw_prompts(
     Args:
         params: the pipeline's params
         round_name: the round, a key of `dpo.rounds`
-        pool: prompt pool (JSON lines)
+        pool: prompt pool (JSON lines or JSON, parquet, a save_to_disk folder; TRL, ShareGPT or Alpaca rows)
         incoming: folder of per-round human pairs (`<round>.jsonl`, optional)
         out: the round's prompts (JSON lines)
         incoming_out: the round's validated human pairs (JSON lines)
         report: the stage's report
     """
-    result = read_records(pool, "prompts")
+    result = read_records(pool, "prompts", params.data.format)
     enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
     settings = params.onpolicy.prompts
     round_index = list(params.dpo.rounds).index(round_name)

@@ -1,10 +1,13 @@
-"""Validating and describing JSON-lines data in TRL's formats.
+"""Reading, converting, validating and describing data in TRL's formats.
 
+A source is a JSON-lines file, a JSON file holding a list of rows, a parquet file, or a folder written
+by `datasets.save_to_disk`; rows in ShareGPT/LLaMA-Factory, Anthropic HH or Alpaca format are converted
+to TRL's first (tasks/lib/formats.py, `data.format`). Then, in TRL's formats:
 Preference pairs: ``{"prompt","chosen","rejected"}`` as strings, or conversational (``prompt`` a list
 of ``{"role","content"}`` messages, ``chosen``/``rejected`` lists of assistant messages).
 SFT rows: ``{"prompt","completion"}`` strings or ``{"messages": [...]}``.
 Prompt pools: ``{"prompt": ...}`` (a string or a message list ending with a user message).
-Every bad line is reported as ``file:line: reason``.
+Every bad row is reported as ``file:line: reason`` (``file row N: reason`` for sources without lines).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Literal
 from tasks.lib.chat import render
 from tasks.lib.errors import DataError
 from tasks.lib.files import read_utf8
+from tasks.lib.formats import Format, FormatProblem, to_trl
 
 Kind = Literal["pairs", "sft", "prompts"]
 ROLES = ("system", "user", "assistant", "tool")
@@ -33,6 +37,11 @@ class ReadResult:
     bad: list[tuple[int, str]] = field(default_factory=list)
     duplicates: int = 0
     lines: int = 0
+    unit: Literal["line", "row"] = "line"
+    """How rows are numbered: file lines (JSON lines) or 1-based row positions (JSON list, parquet, dataset)."""
+
+    def where(self, number: int) -> str:
+        return f"{self.path}:{number}" if self.unit == "line" else f"{self.path} row {number}"
 
 
 def row_format(row: dict[str, Any]) -> str:
@@ -129,21 +138,67 @@ def prompt_problem(row: Any) -> str | None:
 CHECKS: dict[str, Callable[[Any], str | None]] = {"pairs": pair_problem, "sft": sft_problem, "prompts": prompt_problem}
 
 
-def read_records(path: str | Path, kind: Kind) -> ReadResult:
-    """Parse and validate every line; collect good rows (deduplicated) and bad lines with reasons."""
+def raw_rows(path: Path) -> tuple[Literal["line", "row"], list[tuple[int, Any]]]:
+    """The source's rows, numbered: `(number, parsed row)`, or `(number, JSONDecodeError)` for a bad JSON line."""
+    if path.is_dir():
+        return "row", list(enumerate(_saved_dataset(path), start=1))
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        return "row", list(enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1))
+    text = read_utf8(path, DataError)
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(rows).__name__}")
+        return "row", list(enumerate(rows, start=1))
+    numbered = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                numbered.append((number, error))
+    return "line", numbered
+
+
+def _saved_dataset(path: Path) -> list[dict[str, Any]]:
+    """Rows of a `datasets.save_to_disk` folder (a DatasetDict gives its `train` split, or its only one)."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        dataset = load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({error})") from None
+    if isinstance(dataset, DatasetDict):
+        splits = list(dataset)
+        if "train" not in dataset and len(splits) != 1:
+            raise DataError(f"{path}: a saved DatasetDict with splits {', '.join(splits)} and no 'train' split")
+        dataset = dataset["train" if "train" in dataset else splits[0]]
+    return dataset.to_list()
+
+
+def read_records(path: str | Path, kind: Kind, data_format: Format = "auto") -> ReadResult:
+    """Read every row, convert it to TRL's format and validate it; keep good rows (deduplicated), note bad ones."""
     path = Path(path)
-    result = ReadResult(path=path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    unit, numbered = raw_rows(path)
+    result = ReadResult(path=path, unit=unit)
     seen: set[str] = set()
     check = CHECKS[kind]
-    text = read_utf8(path, DataError)
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, parsed in numbered:
         result.lines += 1
+        if isinstance(parsed, json.JSONDecodeError):
+            result.bad.append((number, f"not valid JSON ({parsed.msg})"))
+            continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            result.bad.append((number, f"not valid JSON ({error.msg})"))
+            row = to_trl(parsed, kind, data_format)
+        except FormatProblem as problem:
+            result.bad.append((number, str(problem)))
             continue
         problem = check(row)
         if problem:
@@ -180,7 +235,7 @@ def enforce_bad_line_policy(result: ReadResult, on_bad_lines: str, max_bad_fract
     """Raise DataError listing bad lines unless the policy allows dropping them."""
     if not result.bad and result.rows:
         return
-    listing = "\n".join(f"{result.path}:{line}: {reason}" for line, reason in result.bad)
+    listing = "\n".join(f"{result.where(line)}: {reason}" for line, reason in result.bad)
     if not result.rows:
         raise DataError(f"{result.path}: no usable rows\n{listing}".rstrip())
     if on_bad_lines == "fail":
@@ -232,6 +287,6 @@ def file_report(result: ReadResult) -> dict[str, Any]:
         "kept": len(result.rows),
         "dropped": len(result.bad),
         "dropped_reasons": reasons,
-        "dropped_lines": [f"{result.path}:{line}: {reason}" for line, reason in result.bad],
+        "dropped_lines": [f"{result.where(line)}: {reason}" for line, reason in result.bad],
         "duplicates_removed": result.duplicates,
     }

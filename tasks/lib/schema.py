@@ -31,11 +31,20 @@ class Section(BaseModel):
 
 class DataParams(Section):
     sft: str
-    """SFT data (JSON lines): `{"prompt","completion"}` strings or `{"messages": [...]}` conversations. Required:
-    dvc.yaml names it as a dependency (the built-in task's is `data/builtin/sft.jsonl`)."""
+    """SFT data: `{"prompt","completion"}` strings or `{"messages": [...]}` conversations (or ShareGPT / Alpaca
+    rows, see `format`), in a JSON-lines, JSON-list or parquet file or a `save_to_disk` folder. Required: dvc.yaml
+    names it as a dependency (the built-in task's is `data/builtin/sft.jsonl`)."""
     eval_pairs: str
-    """Held-out preference pairs `{"prompt","chosen","rejected"}` (strings or message lists) used only for
-    evaluation. Required: dvc.yaml names it (the built-in task's is `data/builtin/eval_pairs.jsonl`)."""
+    """Held-out preference pairs `{"prompt","chosen","rejected"}` (strings or message lists; or ShareGPT, HH,
+    Alpaca rows) used only for evaluation, from the same kinds of source as `sft`. Required: dvc.yaml names it
+    (the built-in task's is `data/builtin/eval_pairs.jsonl`)."""
+    format: Literal["auto", "trl", "sharegpt", "hh", "alpaca"] = "auto"
+    """Row format of every data source: `auto` detects each row's from its fields; a value forces one (TRL's own,
+    ShareGPT/LLaMA-Factory `conversations`, Anthropic HH dialogues, Alpaca `instruction`/`input`/`output`)."""
+    sample_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Fraction of the SFT rows and of the held-out pairs kept (a seeded sample, after validation and dedup)."""
+    max_rows: PositiveInt | None = None
+    """At most this many SFT rows and held-out pairs kept (after `sample_fraction`; None: no limit)."""
     heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     """Fraction of SFT rows held out (SFT eval loss and held-out perplexity)."""
     on_bad_lines: Literal["fail", "drop"] = "fail"
@@ -43,7 +52,7 @@ class DataParams(Section):
     max_bad_fraction: Fraction = 0.05
     """With `on_bad_lines: drop`, the largest fraction of a file's lines that may be dropped before the run fails."""
     seed: int = 0
-    """Seed of the SFT train/held-out split."""
+    """Seed of the SFT train/held-out split and of the row sampling."""
 
 
 class BuiltinModelParams(Section):
