@@ -1,0 +1,113 @@
+"""Benchmark: a real pretrained model learns. llama2.c's stories260K (MIT; ../shared/real) through the whole pipeline.
+
+The committed pipeline (`dvc repro`) runs in a clean clone with `model.base` pointing at the shared
+`models/stories260K` folder (a real pretrained 260k-parameter Llama with its 512-token SentencePiece tokenizer
+and no chat template, so every row is a plain string) and a `function` judge, `benchmarks/story_judge.py`
+(+1 when the continuation says someone was happy, +0.5 when it ends a sentence). Its data are TinyStories-like
+openings made here (seeded): SFT continuations are happy half of the time; rounds sample from the policy,
+judge, pair best against worst and train with DPO. Prints the judge's mean score of each model's greedy
+continuations of held-out openings and its win rate against SFT (95 % interval, length-controlled).
+
+    .venv/bin/python benchmarks/stories.py [--real ../shared/real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onpolicy import clone, reproduce  # noqa: E402  (the other benchmark's clean-clone helpers)
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("Lily", "Tom", "Sue", "Ben", "Mia", "Max", "Anna", "Tim", "Lucy", "Sam", "Zoe", "Jack")
+THINGS = ("a red ball", "a big tree", "a little dog", "a shiny star", "a blue boat", "a soft cat", "a tall hill")
+PLACES = ("the park", "the garden", "the beach", "the forest", "the shop", "the lake", "school")
+MOODS = ("sad", "tired", "scared", "sleepy", "angry", "hungry")
+
+
+def opening(rng: random.Random) -> str:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    return f"Once upon a time, there was a little child named {name}. {name} saw {thing} in {rng.choice(PLACES)}."
+
+
+def continuation(rng: random.Random, happy: bool) -> str:
+    mood = "happy" if happy else rng.choice(MOODS)
+    return f" {rng.choice(('She', 'He'))} was very {mood}."
+
+
+def write_data(project: Path, seed: int = 0) -> dict[str, str]:
+    """SFT rows (half happy), held-out pairs (happy vs not) and a prompt pool, as string rows."""
+    rng = random.Random(seed)
+    folder = project / "data" / "stories"
+    folder.mkdir(parents=True)
+    openings = sorted({opening(rng) for _ in range(2000)})
+    rng.shuffle(openings)
+    sft, heldout, pool = openings[:300], openings[300:380], openings[380:700]
+    files = {
+        "sft": [{"prompt": p, "completion": continuation(rng, happy=i % 2 == 0)} for i, p in enumerate(sft)],
+        "eval_pairs": [
+            {"prompt": p, "chosen": continuation(rng, True), "rejected": continuation(rng, False)} for p in heldout
+        ],
+        "prompts": [{"prompt": p} for p in pool],
+    }
+    paths = {}
+    for name, rows in files.items():
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        paths[name] = str(path.relative_to(project))
+    return paths
+
+
+def configure(project: Path, real: Path) -> None:
+    paths = write_data(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["base"] = str((real / "models" / "stories260K").resolve())
+    params["data"].update(sft=paths["sft"], eval_pairs=paths["eval_pairs"])
+    params["sft"]["train"].update(learning_rate=0.001, epochs=2)
+    params["onpolicy"]["prompts"].update(pool=paths["prompts"], per_round=160)
+    params["onpolicy"]["generate"]["max_new_tokens"] = 16
+    params["onpolicy"]["judge"] = {"kind": "function", "function": "benchmarks.story_judge:score"}
+    params["eval"]["max_new_tokens"] = 16
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--real", type=Path, default=Path(os.environ.get("SFT_DPO_REAL_ARTIFACTS", ROOT.parent / "shared" / "real"))
+    )
+    args = parser.parse_args()
+    if not (args.real / "models" / "stories260K").is_dir():
+        sys.exit(f"no stories260K under {args.real} (set SFT_DPO_REAL_ARTIFACTS)")
+    with tempfile.TemporaryDirectory(prefix="sftdpo-bench-stories-") as scratch:
+        project = clone(Path(scratch) / "project", Path(scratch) / "cache")
+        configure(project, args.real)
+        seconds = reproduce(project)
+        scores = json.loads((project / "metrics" / "eval.json").read_text())
+        gates = {name: json.loads((project / "metrics" / "eval" / f"{name}.json").read_text()) for name in ("r1", "r2")}
+    print(f"stories260K, 2 on-policy rounds, function judge benchmarks/story_judge.py; dvc repro {seconds:.0f} s\n")
+    print("| model | judge score (greedy, 80 held-out openings) | win rate vs SFT [95 % CI] | LC win rate | promoted |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, row in scores.items():
+        if name.endswith("*"):
+            continue
+        win = (
+            f"{row['win_rate_vs_sft']:.3f} [{row['win_rate_vs_sft_ci_low']:.3f}, {row['win_rate_vs_sft_ci_high']:.3f}]"
+            if "win_rate_vs_sft" in row
+            else "-"
+        )
+        lc = f"{row['lc_win_rate_vs_sft']:.3f}" if "lc_win_rate_vs_sft" in row else "-"
+        promoted = str(gates[name]["promoted"]).lower() if name in gates else ""
+        print(f"| {name} | {row['judge_score_mean']:.3f} | {win} | {lc} | {promoted} |")
+
+
+if __name__ == "__main__":
+    main()
