@@ -4,9 +4,10 @@ The committed pipeline (`dvc repro`) runs in a clean clone with `model.base` poi
 `models/stories260K` folder (a real pretrained 260k-parameter Llama with its 512-token SentencePiece tokenizer
 and no chat template, so every row is a plain string) and a `function` judge, `benchmarks/story_judge.py`
 (+1 when the continuation says someone was happy, +0.5 when it ends a sentence). Its data are TinyStories-like
-openings made here (seeded): SFT continuations are happy half of the time; rounds sample from the policy,
-judge, pair best against worst and train with DPO. Prints the judge's mean score of each model's greedy
-continuations of held-out openings and its win rate against SFT (95 % interval, length-controlled).
+openings made here (seeded): SFT continuations name one of seven moods, happy no more often than the others;
+rounds sample from the policy, judge, pair best against worst and train with DPO. Prints the judge's mean
+score of each model's greedy continuations of held-out openings and its win rate against SFT (95 % interval,
+length-controlled).
 
     .venv/bin/python benchmarks/stories.py [--real ../shared/real]
 """
@@ -38,13 +39,14 @@ def opening(rng: random.Random) -> str:
     return f"Once upon a time, there was a little child named {name}. {name} saw {thing} in {rng.choice(PLACES)}."
 
 
-def continuation(rng: random.Random, happy: bool) -> str:
-    mood = "happy" if happy else rng.choice(MOODS)
-    return f" {rng.choice(('She', 'He'))} was very {mood}."
+def continuation(rng: random.Random, happy: bool | None = None) -> str:
+    """A one-sentence continuation: happy, not happy, or (None) any of the moods, happy as likely as each other."""
+    moods = ("happy",) if happy else MOODS if happy is False else ("happy", *MOODS)
+    return f" {rng.choice(('She', 'He'))} was very {rng.choice(moods)}."
 
 
 def write_data(project: Path, seed: int = 0) -> dict[str, str]:
-    """SFT rows (half happy), held-out pairs (happy vs not) and a prompt pool, as string rows."""
+    """SFT rows (one mood of seven), held-out pairs (happy vs not) and a prompt pool, as string rows."""
     rng = random.Random(seed)
     folder = project / "data" / "stories"
     folder.mkdir(parents=True)
@@ -52,7 +54,7 @@ def write_data(project: Path, seed: int = 0) -> dict[str, str]:
     rng.shuffle(openings)
     sft, heldout, pool = openings[:300], openings[300:380], openings[380:700]
     files = {
-        "sft": [{"prompt": p, "completion": continuation(rng, happy=i % 2 == 0)} for i, p in enumerate(sft)],
+        "sft": [{"prompt": p, "completion": continuation(rng)} for p in sft],
         "eval_pairs": [
             {"prompt": p, "chosen": continuation(rng, True), "rejected": continuation(rng, False)} for p in heldout
         ],
@@ -105,7 +107,9 @@ def main() -> None:
             else "-"
         )
         lc = f"{row['lc_win_rate_vs_sft']:.3f}" if "lc_win_rate_vs_sft" in row else "-"
-        promoted = str(gates[name]["promoted"]).lower() if name in gates else ""
+        promoted = (
+            "yes" if gates[name]["promoted"] else "no: " + "; ".join(gates[name]["reasons"]) if name in gates else ""
+        )
         print(f"| {name} | {row['judge_score_mean']:.3f} | {win} | {lc} | {promoted} |")
 
 
