@@ -108,7 +108,7 @@ def main() -> None:
         )
         lc = f"{row['lc_win_rate_vs_sft']:.3f}" if "lc_win_rate_vs_sft" in row else "-"
         promoted = (
-            "yes" if gates[name]["promoted"] else "no: " + "; ".join(gates[name]["reasons"]) if name in gates else ""
+            ("yes" if gates[name]["promoted"] else "no: " + "; ".join(gates[name]["reasons"])) if name in gates else ""
         )
         print(f"| {name} | {row['judge_score_mean']:.3f} | {win} | {lc} | {promoted} |")
 
