@@ -28,15 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from tasks.lib.chat import as_response, last_content, render
-from tasks.lib.errors import DataError
+from tasks.lib.errors import DataError, SettingError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.judges import open_judge
 from tasks.lib.policies import has_cuda, load_model, load_tokenizer
-from tasks.lib.schema import Params
+from tasks.lib.schema import PROJECT_EVAL_TASKS, Params
 from tasks.lib.stage import stage_main
 from tasks.lib.stats import head_to_head, length_summary
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+STDERR_SUFFIX = "_stderr"
 REPORTED = {
     ("sftdpo_preference", "acc"): "preference_accuracy",
     ("sftdpo_generation", "exact_match"): "task_accuracy",
@@ -163,6 +164,67 @@ def versus(answers: list[dict], other_answers: Path, name: str) -> dict[str, flo
     }
 
 
+def task_kinds(tasks: list[str]) -> tuple[list[str], list[Path], list[str]]:
+    """`eval.tasks` split into the project's own tasks, task YAML files, and names from lm-eval's registry."""
+    own = [task for task in tasks if task in PROJECT_EVAL_TASKS]
+    files = [Path(task) for task in tasks if task.endswith((".yaml", ".yml"))]
+    named = [task for task in tasks if task not in own and not task.endswith((".yaml", ".yml"))]
+    return own, files, named
+
+
+def project_task_spec(params: Params, task: str, documents: dict, tokenizer, scratch: Path) -> dict:
+    """The project task's YAML pointed at this model's rendering of the held-out data."""
+    from lm_eval.tasks._yaml_loader import load_yaml  # resolves include: and !function like the CLI
+
+    data_file = scratch / f"{task}.jsonl"
+    write_records(data_file, documents[task])
+    spec = load_yaml(TASKS_DIR / f"{task}.yaml")
+    spec["dataset_kwargs"] = {"data_files": {"test": str(data_file)}}
+    if task == "sftdpo_generation":
+        spec["generation_kwargs"] = {
+            "until": [tokenizer.eos_token],
+            "do_sample": False,
+            "max_gen_toks": params.eval.max_new_tokens,
+        }
+    return spec
+
+
+def run_lm_eval(params: Params, lm, specs: list[dict], named: list[str]) -> dict:
+    """`lm_eval.simple_evaluate` on task specs and registered names; an unknown or unavailable task is bad input."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    # Indexing lm-eval's own task registry takes seconds: only when a task is named from it.
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=bool(named))
+    unknown = [task for task in named if task not in manager.all_tasks]
+    if unknown:
+        raise SettingError(f"eval.tasks: {', '.join(unknown)}: not a task lm-eval knows, nor a project task or YAML")
+    try:
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=[*specs, *named], task_manager=manager, limit=params.eval.limit, log_samples=True
+        )
+    except ConnectionError as error:  # datasets' offline error: the task's dataset is not in the local cache
+        raise DataError(
+            f"eval.tasks: a task's dataset is not available: {error} (offline, lm-eval reads the local Hugging Face "
+            "cache: run once with network, or copy the dataset into the cache)"
+        ) from error
+
+
+def other_task_metrics(results: dict[str, dict]) -> dict[str, float]:
+    """Every metric of the tasks that are not the project's own, as `<task>/<metric>` (filters other than none kept)."""
+    metrics = {}
+    for task, values in results.items():
+        if task in PROJECT_EVAL_TASKS:
+            continue
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith(STDERR_SUFFIX) or not isinstance(value, (int, float)):
+                continue
+            name = metric if filter_name == "none" else f"{metric}[{filter_name}]"
+            metrics[f"{task}/{name}"] = value
+    return metrics
+
+
 def evaluate_model(
     params: Params,
     model: Path,
@@ -187,40 +249,22 @@ def evaluate_model(
         versus_sft: the SFT policy's answers, for the win rate against it (optional)
         versus_previous: the previous round's policy's answers, for the win rate against it (optional)
     """
-    import lm_eval
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml  # resolves include: and !function like the CLI
 
     tokenizer = load_tokenizer(str(model), params.model)
     documents = task_documents(tokenizer, load_records(eval_pairs), load_records(sft_heldout))
     lm = open_lm(params, model)
+    own, files, named = task_kinds(params.eval.tasks)
     with tempfile.TemporaryDirectory() as scratch:
-        specs = []
-        for task in params.eval.tasks:
-            data_file = Path(scratch) / f"{task}.jsonl"
-            write_records(data_file, documents[task])
-            spec = load_yaml(TASKS_DIR / f"{task}.yaml")
-            spec["dataset_kwargs"] = {"data_files": {"test": str(data_file)}}
-            if task == "sftdpo_generation":
-                spec["generation_kwargs"] = {
-                    "until": [tokenizer.eos_token],
-                    "do_sample": False,
-                    "max_gen_toks": params.eval.max_new_tokens,
-                }
-            specs.append(spec)
-        evaluation = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=specs,
-            task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
-            limit=params.eval.limit,
-            log_samples=True,
-        )
+        specs = [project_task_spec(params, task, documents, tokenizer, Path(scratch)) for task in own]
+        evaluation = run_lm_eval(params, lm, specs + [load_yaml(path) for path in files], named)
     results = evaluation["results"]
     scores: dict[str, Any] = {
         name: results[task][f"{metric},none"]
         for (task, metric), name in REPORTED.items()
         if task in results and f"{metric},none" in results[task]
     }
+    scores.update(other_task_metrics(results))
     answers = greedy_answers(params, evaluation["samples"].get("sftdpo_generation", []), tokenizer)
     if answers:
         judged = open_judge(params, model).score([a["prompt"] for a in answers], [a["response"] for a in answers])

@@ -17,6 +17,8 @@ LossType = Literal[
 ]  # fmt: skip
 BUILTIN = "builtin"
 SFT_POLICY = "sft"
+PROJECT_EVAL_TASKS = ("sftdpo_preference", "sftdpo_generation", "sftdpo_perplexity")
+"""The project's own lm-eval tasks (tasks/lm_eval_tasks/), rendered per model from the held-out data."""
 RESERVED_ROUND_NAMES = (SFT_POLICY, "merged", "base")
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -353,15 +355,26 @@ class EvalParams(Section):
     """Greedy generation budget of the task-accuracy task."""
     limit: PositiveInt | None = None
     """Evaluate only the first N documents of each task (None: all)."""
-    tasks: list[Literal["sftdpo_preference", "sftdpo_generation", "sftdpo_perplexity"]] = Field(
-        default_factory=lambda: ["sftdpo_preference", "sftdpo_generation", "sftdpo_perplexity"], min_length=1
-    )
-    """lm-eval tasks from `tasks/lm_eval_tasks/` to run on every model."""
+    tasks: list[str] = Field(default_factory=lambda: list(PROJECT_EVAL_TASKS), min_length=1)
+    """lm-eval tasks run on every model: the project's own (`sftdpo_preference`, `sftdpo_generation`,
+    `sftdpo_perplexity`), any task lm-eval knows by name (`gsm8k`, `ifeval`, `arc_easy`, ...; offline they read
+    the local Hugging Face cache), or the path of your own task YAML (`include:` and `!function` resolve beside it;
+    keep it under `tasks/lm_eval_tasks/` so DVC re-runs the evals when it changes). Other tasks' metrics join
+    `metrics/eval.json` as `<task>/<metric>`."""
     kl_samples: int = Field(4, ge=0)
     """Responses sampled (temperature 1) per held-out prompt to estimate each model's KL from the SFT policy
     (`kl_to_sft`); 0 skips the estimate."""
     seed: int = 0
     """Seed of those samples."""
+
+    @model_validator(mode="after")
+    def _task_files_exist(self) -> EvalParams:
+        from pathlib import Path
+
+        missing = [task for task in self.tasks if task.endswith((".yaml", ".yml")) and not Path(task).is_file()]
+        if missing:
+            raise ValueError(f"no such task YAML: {', '.join(missing)} (paths are relative to the project folder)")
+        return self
 
 
 class NextRoundParams(Section):
