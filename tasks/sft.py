@@ -1,6 +1,7 @@
 """Stage `sft`: supervised fine-tuning of the base model with TRL's SFTTrainer.
 
-Full fine-tune or LoRA; the loss covers only completion / assistant tokens. Writes the trained
+Full fine-tune or LoRA; the loss covers only completion / assistant tokens, found as the tokenizer's chat
+template allows (tasks/lib/chat.py `SFT_LOSS_MASKS`; the strategy used is in the stage's metrics). Writes the trained
 policy (full weights or an adapter), per-step losses as a DVC plots file, TensorBoard logs and
 metrics (first/last train loss, held-out eval loss). An interrupted run resumes from its last
 checkpoint when params and data are unchanged.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.lib.chat import last_turn_example, sft_loss_mask
 from tasks.lib.files import atomic_path, write_json
 from tasks.lib.hashing import file_digest
 from tasks.lib.policies import load_model, load_tokenizer, resolve_base, scrub_saved_configs
@@ -20,6 +22,33 @@ from tasks.lib.training import logged_history, lora_config, resume_checkpoint, t
 
 def losses(history: list[dict], key: str = "loss") -> list[float]:
     return [row[key] for row in history if key in row]
+
+
+def sft_trainer(params: Params, model, tokenizer, data, checkpoints: Path, logs: Path | None):
+    """TRL's SFTTrainer over `data` (train and heldout splits), with the loss mask the chat template allows."""
+    from trl import SFTConfig, SFTTrainer
+
+    conversational = "messages" in data["train"].column_names
+    loss_mask = sft_loss_mask(tokenizer, conversational)
+    if loss_mask == "last_assistant_turn":
+        data = data.map(last_turn_example, remove_columns=["messages"])
+    config = SFTConfig(
+        **training_arguments(params.sft.train, checkpoints, logs),
+        max_length=params.sft.max_length,
+        assistant_only_loss=loss_mask == "assistant_tokens",
+        completion_only_loss=loss_mask != "assistant_tokens",
+        eval_strategy="no",
+        packing=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data["train"],
+        eval_dataset=data["heldout"],
+        processing_class=tokenizer,
+        peft_config=lora_config(params.sft.lora) if params.sft.method == "lora" else None,
+    )
+    return trainer, loss_mask
 
 
 def train_sft(
@@ -47,35 +76,18 @@ def train_sft(
         metrics: the stage's metrics
     """
     from datasets import load_dataset
-    from trl import SFTConfig, SFTTrainer
 
     name_or_path, revision = resolve_base(base)
     tokenizer = load_tokenizer(name_or_path, params.model, revision)
     model = load_model(name_or_path, params.model, revision, quantize=params.sft.method == "lora")
     data = load_dataset("json", data_files={"train": str(train), "heldout": str(heldout)})
-    conversational = "messages" in data["train"].column_names
     fingerprint = {
         "sft": params.sft.model_dump(mode="json"),
         "model": params.model.model_dump(mode="json"),
         "train": file_digest(train),
     }
     resume = resume_checkpoint(checkpoints, fingerprint)
-    config = SFTConfig(
-        **training_arguments(params.sft.train, checkpoints, logs),
-        max_length=params.sft.max_length,
-        assistant_only_loss=conversational,
-        completion_only_loss=None if conversational else True,
-        eval_strategy="no",
-        packing=False,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=data["train"],
-        eval_dataset=data["heldout"],
-        processing_class=tokenizer,
-        peft_config=lora_config(params.sft.lora) if params.sft.method == "lora" else None,
-    )
+    trainer, loss_mask = sft_trainer(params, model, tokenizer, data, checkpoints, logs)
     trainer.train(resume_from_checkpoint=resume)
     evaluation = trainer.evaluate()
     history = logged_history(trainer)
@@ -86,6 +98,7 @@ def train_sft(
     train_losses = losses(history)
     summary = {
         "method": params.sft.method,
+        "loss_mask": loss_mask,
         "steps": trainer.state.global_step,
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
@@ -97,6 +110,7 @@ def train_sft(
     resumed_from = Path(resume).name if resume else None
     print(
         f"sft: loss {summary['train_loss_first']:.3f} -> {summary['train_loss_last']:.3f} "
+        f"(loss on: {loss_mask}) "
         f"in {summary['steps']} steps, held-out loss {summary['eval_loss']:.3f}"
         + (f" (resumed from {resumed_from})" if resumed_from else "")
     )

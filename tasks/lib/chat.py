@@ -25,3 +25,36 @@ def last_content(value: Any) -> str:
 def as_response(prompt: Any, text: str) -> Any:
     """A response text in the prompt's format: an assistant message list for a message-list prompt."""
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+SFT_LOSS_MASKS = {
+    "completion": "string rows: the loss covers the completion (TRL's completion-only loss)",
+    "assistant_tokens": "every assistant turn: the template (or TRL's training variant of it) marks them with "
+    "{% generation %}",
+    "last_assistant_turn": "the template has no generation markers and TRL cannot patch it: each conversation is "
+    "trained as prompt (everything before its last assistant turn) + completion (that turn), split where the "
+    "prompt's render stops matching the full render",
+}
+"""How the SFT loss finds the tokens to learn, by what the tokenizer's chat template supports."""
+
+
+def sft_loss_mask(tokenizer, conversational: bool) -> str:
+    """The `SFT_LOSS_MASKS` strategy for this tokenizer and data format."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if not conversational:
+        return "completion"
+    if has_generation_markers(tokenizer.chat_template):
+        return "assistant_tokens"
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:  # TRL: "not training-compatible ... patching is not supported for this template"
+        return "last_assistant_turn"
+    return "assistant_tokens"
+
+
+def last_turn_example(row: dict) -> dict:
+    """A `messages` row as prompt (everything before its last assistant message) and completion (that message)."""
+    messages = row["messages"]
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return {"prompt": messages[:last], "completion": [messages[last]]}

@@ -1,0 +1,114 @@
+"""tasks/sft.py's loss masks on real tokenizers: the built-in ChatML, Qwen3's official template (TRL patches it),
+a template with no generation markers (last assistant turn), and stories260K's plain strings (completion only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tasks.lib.params import load_params
+from tasks.sft import sft_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = Path(os.environ.get("SFT_DPO_REAL_ARTIFACTS", ROOT.parent / "shared" / "real"))
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": "Hello there!"},
+    {"role": "user", "content": "Add 2 and 2."},
+    {"role": "assistant", "content": "The answer is 4."},
+]
+# A Mistral-like template: no {% generation %} markers and none TRL knows how to patch.
+MARKERLESS_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def builtin_base(tmp_path_factory) -> Path:
+    from tasks.base import build_base
+
+    out = tmp_path_factory.mktemp("base") / "base"
+    build_base(load_params(ROOT / "params.yaml"), ROOT / "data/builtin/sft.jsonl", out)
+    return out
+
+
+def tokenizer_named(name: str, builtin_base: Path):
+    from transformers import AutoTokenizer
+
+    if name in ("qwen3", "stories260K"):
+        folder = REAL / ("tokenizers/qwen3" if name == "qwen3" else "models/stories260K")
+        if not folder.is_dir():
+            pytest.skip(f"no real artifacts at {REAL} (set SFT_DPO_REAL_ARTIFACTS)")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(builtin_base)
+        if name == "markerless":
+            tokenizer.chat_template = MARKERLESS_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    return LlamaForCausalLM(config)
+
+
+def first_example(name: str, rows: list[dict], builtin_base: Path, tmp_path: Path):
+    from datasets import Dataset, DatasetDict
+
+    tokenizer = tokenizer_named(name, builtin_base)
+    data = DatasetDict(train=Dataset.from_list(rows), heldout=Dataset.from_list(rows))
+    params = load_params(ROOT / "params.yaml")
+    trainer, loss_mask = sft_trainer(params, tiny_model(tokenizer), tokenizer, data, tmp_path / "checkpoints", None)
+    return tokenizer, trainer.train_dataset[0], loss_mask
+
+
+def learned_text(tokenizer, example: dict) -> str:
+    """The text of the tokens the loss covers (TRL's tokenised rows carry labels, -100 where the loss is masked)."""
+    ids = [label for label in example["labels"] if label != -100]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected_mask", "learned"),
+    [
+        ("builtin", "assistant_tokens", ["Hello there!", "The answer is 4."]),
+        ("qwen3", "assistant_tokens", ["Hello there!", "The answer is 4."]),
+        ("markerless", "last_assistant_turn", ["The answer is 4."]),
+    ],
+)
+def test_loss_covers_exactly_the_assistant_text_the_template_allows(
+    name, expected_mask, learned, builtin_base, tmp_path
+):
+    tokenizer, example, loss_mask = first_example(name, [{"messages": CONVERSATION}], builtin_base, tmp_path)
+    assert loss_mask == expected_mask
+    text = learned_text(tokenizer, example)
+    for message in CONVERSATION:
+        if message["content"] in learned:
+            assert message["content"] in text
+        else:
+            assert message["content"] not in text, f"{message['role']} text is in the loss"
+    # Nothing but the assistant text (and the template's own markup around it) is learned.
+    leftover = text
+    for content in learned:
+        leftover = leftover.replace(content, "")
+    assert len(leftover.strip()) <= 40, leftover
+    bos = tokenizer.bos_token_id
+    assert bos is None or example["input_ids"][:2] != [bos, bos], "double BOS"
+
+
+def test_string_rows_learn_the_completion_only_with_a_single_bos(builtin_base, tmp_path):
+    rows = [{"prompt": "Once upon a time, there was a cat.", "completion": " The cat was very happy."}]
+    tokenizer, example, loss_mask = first_example("stories260K", rows, builtin_base, tmp_path)
+    assert loss_mask == "completion"
+    assert learned_text(tokenizer, example).strip() == "The cat was very happy."
+    assert example["input_ids"][0] == tokenizer.bos_token_id and example["input_ids"][1] != tokenizer.bos_token_id
