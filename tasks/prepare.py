@@ -12,7 +12,13 @@ from pathlib import Path
 from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, write_json, write_records
 from tasks.lib.policies import load_tokenizer, resolve_base
-from tasks.lib.records import enforce_bad_line_policy, file_report, read_records, token_length_report
+from tasks.lib.records import (
+    enforce_bad_line_policy,
+    file_report,
+    read_records,
+    refuse_unrenderable,
+    token_length_report,
+)
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 
@@ -61,12 +67,15 @@ def prepare(
         report: the data report (DVC metric), with every dropped line as file:line: reason
     """
     data = params.data
+    name_or_path, revision = resolve_base(base)
+    tokenizer = load_tokenizer(name_or_path, params.model, revision)
     results = {
         "sft": read_records(sft, "sft", data.format),
         "eval_pairs": read_records(eval_pairs, "pairs", data.format),
     }
     problems = []
     for result in results.values():
+        refuse_unrenderable(result, tokenizer)
         try:
             enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
         except DataError as error:
@@ -79,8 +88,6 @@ def prepare(
     if len(sampled["sft"]) < 2:
         raise DataError(f"{sft}: need at least 2 SFT rows to hold one out")
 
-    name_or_path, revision = resolve_base(base)
-    tokenizer = load_tokenizer(name_or_path, params.model, revision)
     train, heldout = split(sampled["sft"], data.heldout_fraction, data.seed)
     summary = {
         "sft": {

@@ -195,3 +195,24 @@ def test_llamafactory_demo_files_convert_without_a_bad_row(name, kind, rows):
         assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
     else:
         assert row["messages"][-1]["role"] == "assistant"
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_bad_row_with_its_message(tmp_path):
+    from tasks.base import build_base
+
+    params = load_params(ROOT / "params.yaml")
+    base = tmp_path / "base"
+    build_base(params, ROOT / "data/builtin/sft.jsonl", base)
+    template = base / "chat_template.jinja"
+    # Like some instruct templates: no system role, and the template says so itself.
+    refusal = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    template.write_text(refusal + template.read_text())
+    rows = [
+        {"conversations": SHAREGPT_PAIR["conversations"][1:3]},
+        {"conversations": SHAREGPT_PAIR["conversations"][:3]},
+    ]
+    sft = write_sources(rows, tmp_path / "sft")["jsonl"]
+    outputs = [tmp_path / name for name in ("train.jsonl", "heldout.jsonl", "eval.jsonl", "report.json")]
+    with pytest.raises(DataError, match=f"{sft}:2: the chat template refused this conversation: System role not"):
+        prepare(params, sft, ROOT / "data/builtin/eval_pairs.jsonl", base, *outputs)
+    assert not any(path.exists() for path in outputs)

@@ -127,6 +127,8 @@ def load_tokenizer(path: str, model: ModelParams, revision: str | None = None):
         kwargs["revision"] = revision
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
+        # Batches need a pad token; padding is masked out of every loss and attention, so EOS serves.
+        print(f"{path}: the tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} as pad")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -231,6 +231,29 @@ def _refuse_mixed_formats(result: ReadResult) -> None:
     result.rows, result.row_lines = [row for row, _ in kept], [line for _, line in kept]
 
 
+def refuse_unrenderable(result: ReadResult, tokenizer) -> None:
+    """Mark the conversations the chat template refuses to render bad, with the template's own message."""
+    from jinja2 import TemplateError
+
+    conversational = [row for row in result.rows if row_format(row) == "conversational"]
+    if conversational and tokenizer.chat_template is None:
+        raise DataError(
+            f"{result.path}: {len(conversational)} rows are conversations (message lists), but the model's "
+            "tokenizer has no chat template: use string rows (prompt/completion) for this model"
+        )
+    kept_rows, kept_lines = [], []
+    for row, line in zip(result.rows, result.row_lines, strict=True):
+        try:
+            row_texts(row, tokenizer)
+        except TemplateError as error:  # the template's raise_exception(...): this conversation, not the run
+            result.bad.append((line, f"the chat template refused this conversation: {error}"))
+            continue
+        kept_rows.append(row)
+        kept_lines.append(line)
+    result.bad.sort()
+    result.rows, result.row_lines = kept_rows, kept_lines
+
+
 def enforce_bad_line_policy(result: ReadResult, on_bad_lines: str, max_bad_fraction: float) -> None:
     """Raise DataError listing bad lines unless the policy allows dropping them."""
     if not result.bad and result.rows:
