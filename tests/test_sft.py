@@ -22,8 +22,8 @@ CONVERSATION = [
 ]
 # A Mistral-like template: no {% generation %} markers and none TRL knows how to patch.
 MARKERLESS_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == 'assistant' %}"
-    "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant]\n{% endif %}"
 )
 
 
@@ -82,7 +82,7 @@ def learned_text(tokenizer, example: dict) -> str:
     ("name", "expected_mask", "learned"),
     [
         ("builtin", "assistant_tokens", ["Hello there!", "The answer is 4."]),
-        ("qwen3", "assistant_tokens", ["Hello there!", "The answer is 4."]),
+        ("qwen3", "last_assistant_turn", ["The answer is 4."]),
         ("markerless", "last_assistant_turn", ["The answer is 4."]),
     ],
 )
@@ -112,3 +112,55 @@ def test_string_rows_learn_the_completion_only_with_a_single_bos(builtin_base, t
     assert loss_mask == "completion"
     assert learned_text(tokenizer, example).strip() == "The cat was very happy."
     assert example["input_ids"][0] == tokenizer.bos_token_id and example["input_ids"][1] != tokenizer.bos_token_id
+
+
+def dpo_example(tokenizer, row: dict, tmp_path: Path) -> dict:
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from tasks.lib.training import dpo_sequence_config
+
+    params = load_params(ROOT / "params.yaml")
+    config = dpo_sequence_config(params, tmp_path / "dpo", precompute_ref_log_probs=True)
+    rows = Dataset.from_list([row])
+    trainer = DPOTrainer(model=tiny_model(tokenizer), args=config, train_dataset=rows, processing_class=tokenizer)
+    return trainer.train_dataset[0]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "builtin",
+        "qwen3",
+        "markerless",
+        pytest.param(
+            "stories260K",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known: for string rows TRL's SFT adds the tokenizer's BOS, its DPO tokenisation and the "
+                "generate stage do not (llama2.c models expect BOS); to be fixed with the rest of issue 12",
+            ),
+        ),
+    ],
+)
+def test_dpo_generation_and_sft_see_one_rendering(name, builtin_base, tmp_path):
+    """DPO's prompt + chosen ids are SFT's ids of the same conversation; the generate stage's prompt is DPO's."""
+    from tasks.lib.chat import render
+
+    strings = name == "stories260K"
+    if strings:
+        pair = {"prompt": "Once upon a time, there was a cat.", "chosen": " It was happy.", "rejected": " It was sad."}
+        sft_row = {"prompt": pair["prompt"], "completion": pair["chosen"]}
+    else:
+        pair = {
+            "prompt": CONVERSATION[:-1],
+            "chosen": CONVERSATION[-1:],
+            "rejected": [{"role": "assistant", "content": "5"}],
+        }
+        sft_row = {"messages": CONVERSATION}
+    tokenizer, sft, _ = first_example(name, [sft_row], builtin_base, tmp_path)
+    dpo = dpo_example(tokenizer, pair, tmp_path)
+    assert dpo["prompt_ids"] + dpo["chosen_ids"] == sft["input_ids"]
+    # The generate stage renders the prompt and tokenises it as the sampler does.
+    rendered = render(tokenizer, pair["prompt"])
+    assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == dpo["prompt_ids"]

@@ -29,28 +29,26 @@ def as_response(prompt: Any, text: str) -> Any:
 
 SFT_LOSS_MASKS = {
     "completion": "string rows: the loss covers the completion (TRL's completion-only loss)",
-    "assistant_tokens": "every assistant turn: the template (or TRL's training variant of it) marks them with "
-    "{% generation %}",
-    "last_assistant_turn": "the template has no generation markers and TRL cannot patch it: each conversation is "
-    "trained as prompt (everything before its last assistant turn) + completion (that turn), split where the "
-    "prompt's render stops matching the full render",
+    "assistant_tokens": "every assistant turn: the template marks them with {% generation %}",
+    "last_assistant_turn": "the template has no generation markers: each conversation is trained as prompt "
+    "(everything before its last assistant turn) + completion (that turn), rendered by the model's own template "
+    "and split where the prompt's render stops matching the full render",
 }
 """How the SFT loss finds the tokens to learn, by what the tokenizer's chat template supports."""
 
 
 def sft_loss_mask(tokenizer, conversational: bool) -> str:
-    """The `SFT_LOSS_MASKS` strategy for this tokenizer and data format."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    """The `SFT_LOSS_MASKS` strategy for this tokenizer and data format.
+
+    Only a template with its own generation markers masks every assistant turn: TRL's patched training variants
+    (Qwen3's keeps an empty `<think>` block in earlier turns, which the official template drops) would train SFT
+    on a rendering that DPO, generation and evaluation, which use the model's own template, never see.
+    """
+    from trl.chat_template_utils import has_generation_markers
 
     if not conversational:
         return "completion"
-    if has_generation_markers(tokenizer.chat_template):
-        return "assistant_tokens"
-    try:
-        get_training_chat_template(tokenizer)
-    except ValueError:  # TRL: "not training-compatible ... patching is not supported for this template"
-        return "last_assistant_turn"
-    return "assistant_tokens"
+    return "assistant_tokens" if has_generation_markers(tokenizer.chat_template) else "last_assistant_turn"
 
 
 def last_turn_example(row: dict) -> dict:
