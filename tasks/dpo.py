@@ -13,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tasks.lib.chat import render
+from tasks.lib.chat import adds_special_tokens, render
 from tasks.lib.errors import QualityGateFailed
 from tasks.lib.files import atomic_path, load_records, load_splits, write_json
 from tasks.lib.hashing import file_digest
@@ -65,7 +65,8 @@ def sanity_generations(model, tokenizer, prompts: list, guard: GuardParams) -> l
     results = []
     model.eval()
     for prompt in prompts:
-        inputs = tokenizer(render(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).to(model.device)
+        text = render(tokenizer, prompt)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=adds_special_tokens(prompt)).to(model.device)
         with torch.no_grad():
             output = model.generate(
                 **inputs,

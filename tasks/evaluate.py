@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.chat import as_response, last_content, render
+from tasks.lib.chat import adds_special_tokens, as_response, last_content, render
 from tasks.lib.errors import DataError, SettingError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.judges import open_judge
@@ -90,12 +90,21 @@ def prompt_key(prompt: Any) -> str:
     return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
-def open_lm(params: Params, model: Path):
-    """lm-eval's `hf` model on a folder, as `lm_eval --model hf` would build it."""
+def open_lm(params: Params, model: Path, add_bos_token: bool = False):
+    """lm-eval's `hf` model on a folder, as `lm_eval --model hf` would build it.
+
+    `add_bos_token` for string rows: contexts then start with the tokenizer's BOS, as in SFT and DPO
+    (`chat.adds_special_tokens`); a chat template writes its own.
+    """
     from lm_eval.api.registry import get_model
 
     return get_model("hf").create_from_arg_obj(
-        {"pretrained": str(model), "dtype": params.model.dtype, "trust_remote_code": params.model.trust_remote_code},
+        {
+            "pretrained": str(model),
+            "dtype": params.model.dtype,
+            "trust_remote_code": params.model.trust_remote_code,
+            "add_bos_token": add_bos_token,
+        },
         {"batch_size": params.eval.batch_size, "device": "cuda" if has_cuda() else "cpu"},
     )
 
@@ -252,8 +261,10 @@ def evaluate_model(
     from lm_eval.tasks._yaml_loader import load_yaml  # resolves include: and !function like the CLI
 
     tokenizer = load_tokenizer(str(model), params.model)
-    documents = task_documents(tokenizer, load_records(eval_pairs), load_records(sft_heldout))
-    lm = open_lm(params, model)
+    pairs = load_records(eval_pairs)
+    documents = task_documents(tokenizer, pairs, load_records(sft_heldout))
+    strings = bool(pairs) and adds_special_tokens(pairs[0]["prompt"])
+    lm = open_lm(params, model, add_bos_token=strings)
     own, files, named = task_kinds(params.eval.tasks)
     with tempfile.TemporaryDirectory() as scratch:
         specs = [project_task_spec(params, task, documents, tokenizer, Path(scratch)) for task in own]
@@ -301,8 +312,10 @@ def kl_estimate(params: Params, lm, model: Path, sft_policy: Path, tokenizer, an
     for index, start in enumerate(range(0, len(answers), per_call)):
         batch = answers[start : start + per_call]
         rendered = [render(tokenizer, answer["prompt"]) for answer in batch]
-        for text, group in zip(rendered, backend.sample(rendered, settings, params.eval.seed + index), strict=True):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        special = adds_special_tokens(batch[0]["prompt"])
+        groups = backend.sample(rendered, settings, params.eval.seed + index, add_special_tokens=special)
+        for text, group in zip(rendered, groups, strict=True):
+            ids = tokenizer(text, add_special_tokens=special)["input_ids"]
             prompt_ids.extend([ids] * len(group))
             completions.extend(group)
     token_ids = [list(completion.token_ids) for completion in completions]

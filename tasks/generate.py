@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.lib.chat import render
+from tasks.lib.chat import adds_special_tokens, render
 from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.generation import open_backend
@@ -70,7 +70,10 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
             backend = open_backend(settings.backend, policy, params.model)
             tokenizer = backend.tokenizer
         samples = backend.sample(
-            [render(tokenizer, row["prompt"]) for row in batch], settings, batch_seed(settings.seed, index)
+            [render(tokenizer, row["prompt"]) for row in batch],
+            settings,
+            batch_seed(settings.seed, index),
+            add_special_tokens=adds_special_tokens(batch[0]["prompt"]),
         )
         finished = [
             {

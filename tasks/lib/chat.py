@@ -17,6 +17,16 @@ def render(tokenizer, prompt: Any, response: Any = None) -> str:
     return prompt + (response or "")
 
 
+def adds_special_tokens(prompt: Any) -> bool:
+    """Whether a prompt's rendered text is tokenised with the tokenizer's special tokens (its BOS), as TRL does.
+
+    TRL tokenises a string row with the tokenizer's defaults (a Llama/SentencePiece tokenizer adds BOS) and a
+    conversation through the chat template, which writes its own BOS or none. Generation and evaluation follow the
+    same rule, so a prompt has the same ids in SFT, DPO, sampling and lm-eval.
+    """
+    return isinstance(prompt, str)
+
+
 def last_content(value: Any) -> str:
     """The text of a string field, or of the last message of a message-list field."""
     return value if isinstance(value, str) else value[-1]["content"]

@@ -29,8 +29,13 @@ class Completion:
 class GenerationBackend(Protocol):
     name: str
 
-    def sample(self, prompts: list[str], settings: GenerateParams, seed: int) -> list[list[Completion]]:
-        """`settings.samples_per_prompt` completions for each rendered prompt, reproducible under `seed`."""
+    def sample(
+        self, prompts: list[str], settings: GenerateParams, seed: int, add_special_tokens: bool = False
+    ) -> list[list[Completion]]:
+        """`settings.samples_per_prompt` completions for each rendered prompt, reproducible under `seed`.
+
+        `add_special_tokens`: tokenise with the tokenizer's special tokens (string rows; `chat.adds_special_tokens`).
+        """
         ...
 
 
@@ -58,11 +63,13 @@ class TransformersBackend:
         ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
         return sorted({*ids, self.tokenizer.eos_token_id} - {None})
 
-    def sample(self, prompts: list[str], settings: GenerateParams, seed: int) -> list[list[Completion]]:
+    def sample(
+        self, prompts: list[str], settings: GenerateParams, seed: int, add_special_tokens: bool = False
+    ) -> list[list[Completion]]:
         import torch
 
         torch.manual_seed(seed)
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(
             self.model.device
         )
         with torch.no_grad():
