@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo dashboard plots test browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories
+.PHONY: demo dashboard plots test browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -105,6 +105,10 @@ bench-generation: $(STAMP)
 # A real pretrained model (llama2.c's stories260K in ../shared/real) through the pipeline with a function judge.
 bench-stories: $(STAMP)
 	$(BIN)/python benchmarks/stories.py
+
+# The whole pipeline on the real Qwen3 tokenizer and template with a random-init tiny Qwen3 (../shared/real).
+bench-qwen3: $(STAMP)
+	$(BIN)/python benchmarks/qwen3_template.py
 
 params-reference: $(STAMP)
 	@$(BIN)/python -m tasks.lib.params_cli --markdown
