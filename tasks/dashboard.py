@@ -230,6 +230,12 @@ def curves_chart(title: str, data: list[dict], metrics: Iterable[str]) -> dict:
     }
 
 
+def other_task_metrics(evaluations: Iterable[dict]) -> list[str]:
+    """Metrics of lm-eval tasks other than the project's (`eval.tasks`), named `<task>/<metric>`, sorted."""
+    return sorted({key for evaluation in evaluations for key, value in evaluation.items()
+                   if "/" in key and isinstance(value, (int, float)) and not isinstance(value, bool)})  # fmt: skip
+
+
 def _round(value: Any, digits: int = 4) -> Any:
     return round(value, digits) if isinstance(value, float) else value
 
@@ -276,7 +282,7 @@ def eval_table_panel(view: RunView, files: RunFiles) -> Panel:
         rows.append((name, evaluation))
         if view.refused(name):
             rows.append((f"{name}*", view.candidates.get(name) or evaluation.get("candidate") or {}))
-    columns = [c for c in EVAL_COLUMNS if any(c in row for _, row in rows)]
+    columns = [c for c in EVAL_COLUMNS if any(c in row for _, row in rows)] + other_task_metrics(row for _, row in rows)
     sft = view.evals.get(SFT_POLICY) or {}
     table_rows, previous = [], None
     for name, row in rows:
@@ -341,7 +347,11 @@ def metrics_panel(view: RunView) -> Panel:
         "One chart per metric family, one line per metric, models in pipeline order; a red cross marks the "
         "candidate of a round the gate refused (the line carries the policy it kept).",
     )
-    for family, metrics in METRIC_FAMILIES.items():
+    evaluations = [view.evals.get(name) or {} for name in view.models]
+    families = {**METRIC_FAMILIES, "other lm-eval tasks": tuple(other_task_metrics(evaluations))}
+    for family, metrics in families.items():
+        if not metrics:
+            continue
         data = []
         for name in view.models:
             evaluation = view.evals.get(name) or {}

@@ -109,6 +109,17 @@ def test_missing_optional_files_leave_a_note_not_a_crash(run_files, tmp_path):
     assert "no runs to compare: dvc exp show says:" in page  # the copy is not a DVC project
 
 
+def test_other_lm_eval_task_metrics_get_a_column_and_a_chart(run_files, tmp_path):
+    for name, value in (("sft", 0.25), ("r1", 0.5), ("r2", 0.75), ("merged", 0.75)):
+        path = run_files / "metrics/eval" / f"{name}.json"
+        path.write_text(json.dumps({**read_json(path), "capitals_mc/acc": value}))
+    page = render(run_files, tmp_path / "out").read_text()
+    assert "<th>capitals_mc/acc</th>" in page and "+0.5000 vs sft" in page
+    specs = json.loads(re.search(r'<script id="specs" type="application/json">(.*?)</script>', page, re.S).group(1))
+    charts = [spec for spec in specs.values() if spec.get("title") == "other lm-eval tasks"]
+    assert len(charts) == 1 and {row["value"] for row in charts[0]["data"]["values"]} == {0.25, 0.5, 0.75}
+
+
 def test_a_function_judge_is_named_on_the_page(run_files, tmp_path):
     overrides = {"onpolicy.judge.kind": "function", "onpolicy.judge.function": "tasks.lib.builtin_task:verify"}
     page = render(run_files, tmp_path / "out", overrides).read_text()
