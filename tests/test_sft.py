@@ -39,11 +39,15 @@ def builtin_base(tmp_path_factory) -> Path:
 def tokenizer_named(name: str, builtin_base: Path):
     from transformers import AutoTokenizer
 
-    if name in ("qwen3", "stories260K"):
-        folder = REAL / ("tokenizers/qwen3" if name == "qwen3" else "models/stories260K")
+    if name in ("qwen3", "qwen3-nothink", "stories260K"):
+        folder = REAL / ("models/stories260K" if name == "stories260K" else "tokenizers/qwen3")
         if not folder.is_dir():
             pytest.skip(f"no real artifacts at {REAL} (set SFT_DPO_REAL_ARTIFACTS)")
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        if name == "qwen3-nothink":  # model.enable_thinking: false, as load_tokenizer applies it
+            from tasks.lib.policies import with_thinking
+
+            tokenizer.chat_template = with_thinking(tokenizer.chat_template, enabled=False)
     else:
         tokenizer = AutoTokenizer.from_pretrained(builtin_base)
         if name == "markerless":
@@ -83,6 +87,7 @@ def learned_text(tokenizer, example: dict) -> str:
     [
         ("builtin", "assistant_tokens", ["Hello there!", "The answer is 4."]),
         ("qwen3", "last_assistant_turn", ["The answer is 4."]),
+        ("qwen3-nothink", "last_assistant_turn", ["The answer is 4."]),
         ("markerless", "last_assistant_turn", ["The answer is 4."]),
     ],
 )
@@ -104,6 +109,21 @@ def test_loss_covers_exactly_the_assistant_text_the_template_allows(
     assert len(leftover.strip()) <= 40, leftover
     bos = tokenizer.bos_token_id
     assert bos is None or example["input_ids"][:2] != [bos, bos], "double BOS"
+
+
+def test_thinking_off_puts_the_empty_think_block_in_the_prompt_not_in_what_sft_learns(builtin_base, tmp_path):
+    from tasks.lib.params import load_params as params_with
+    from tasks.lib.policies import load_tokenizer
+
+    off = params_with(ROOT / "params.yaml", {"model.enable_thinking": False}).model
+    if not (REAL / "tokenizers/qwen3").is_dir():
+        pytest.skip(f"no real artifacts at {REAL} (set SFT_DPO_REAL_ARTIFACTS)")
+    tokenizer = load_tokenizer(str(REAL / "tokenizers/qwen3"), off)
+    prompt = tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    tokenizer, example, _ = first_example("qwen3-nothink", [{"messages": CONVERSATION}], builtin_base, tmp_path)
+    learned = tokenizer.decode([label for label in example["labels"] if label != -100])  # special tokens kept
+    assert learned == "The answer is 4.<|im_end|>\n"
 
 
 def test_string_rows_learn_the_completion_only_with_a_single_bos(builtin_base, tmp_path):
@@ -132,6 +152,7 @@ def dpo_example(tokenizer, row: dict, tmp_path: Path) -> dict:
     [
         "builtin",
         "qwen3",
+        "qwen3-nothink",
         "markerless",
         "stories260K",
     ],

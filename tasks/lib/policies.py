@@ -126,11 +126,24 @@ def load_tokenizer(path: str, model: ModelParams, revision: str | None = None):
     if revision:
         kwargs["revision"] = revision
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if model.enable_thinking is not None and isinstance(tokenizer.chat_template, str):
+        tokenizer.chat_template = with_thinking(tokenizer.chat_template, model.enable_thinking)
     if tokenizer.pad_token is None:
         # Batches need a pad token; padding is masked out of every loss and attention, so EOS serves.
         print(f"{path}: the tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} as pad")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+THINKING_SETTING = "{%- set enable_thinking = "
+"""How `model.enable_thinking` is written into a template: every renderer (ours, TRL's, lm-eval's) then sees it."""
+
+
+def with_thinking(template: str, enabled: bool) -> str:
+    """The template with `enable_thinking` set at its top (replacing a setting written there before)."""
+    if template.startswith(THINKING_SETTING):
+        template = template.split("%}", 1)[1]
+    return f"{THINKING_SETTING}{'true' if enabled else 'false'} %}}{template}"
 
 
 def save_policy(model, tokenizer, out_dir: Path, max_shard_size: str = "5GB") -> None:

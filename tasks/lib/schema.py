@@ -98,6 +98,10 @@ class ModelParams(Section):
     """4-bit data type for `quantization: 4bit`."""
     trust_remote_code: bool = False
     """Allow model code shipped with a hub model to run. Off unless you trust the repository."""
+    enable_thinking: bool | None = None
+    """For hybrid-thinking templates (Qwen3): `false` renders the empty `<think>` block into every generation
+    prompt (the model answers without reasoning and never learns to emit one), `true` leaves thinking to the model;
+    null keeps the template's default. Set into the template itself, so SFT, DPO, sampling and lm-eval all see it."""
     builtin: BuiltinModelParams = BuiltinModelParams()
     """Shape of the built-in model (used when `base: builtin`)."""
 
