@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.chat import adds_special_tokens, as_response, last_content, render
+from tasks.lib.chat import adds_special_tokens, last_content, render
 from tasks.lib.errors import DataError, SettingError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.judges import open_judge
@@ -127,21 +127,7 @@ def greedy_answers(params: Params, generation_samples: list[dict], tokenizer) ->
     return answers
 
 
-def answer_logps(lm, tokenizer, answers: list[dict]) -> list[float]:
-    """log p(answer | prompt) under `lm`, the answer rendered as it follows the prompt (end of turn included)."""
-    from lm_eval.api.instance import Instance
-
-    requests = []
-    for index, answer in enumerate(answers):
-        context = render(tokenizer, answer["prompt"])
-        continuation = _continuation(
-            tokenizer, answer["prompt"], as_response(answer["prompt"], answer["response"]), context
-        )
-        requests.append(Instance("loglikelihood", {}, (context, continuation), index))
-    return [logp for logp, _ in lm.loglikelihood(requests, disable_tqdm=True)]
-
-
-def answer_metrics(params: Params, answers: list[dict]) -> dict[str, float | None]:
+def answer_metrics(answers: list[dict]) -> dict[str, float | None]:
     lengths = length_summary([answer["tokens"] for answer in answers])
     return {
         "answer_tokens_mean": lengths["mean"],
@@ -281,7 +267,7 @@ def evaluate_model(
         judged = open_judge(params, model).score([a["prompt"] for a in answers], [a["response"] for a in answers])
         for answer, score in zip(answers, judged, strict=True):
             answer["score"] = score
-        scores.update(answer_metrics(params, answers))
+        scores.update(answer_metrics(answers))
         if sft_policy is not None and params.eval.kl_samples > 0:
             scores["kl_to_sft"] = kl_estimate(params, lm, model, sft_policy, tokenizer, answers)
         for name, other in (("sft", versus_sft), ("previous", versus_previous)):

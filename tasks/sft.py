@@ -1,7 +1,7 @@
 """Stage `sft`: supervised fine-tuning of the base model with TRL's SFTTrainer.
 
 Full fine-tune or LoRA; the loss covers only completion / assistant tokens, found as the tokenizer's chat
-template allows (tasks/lib/chat.py `SFT_LOSS_MASKS`; the strategy used is in the stage's metrics). Writes the trained
+template allows (tasks/lib/chat.py `sft_loss_mask`; the strategy used is in the stage's metrics). Writes the trained
 policy (full weights or an adapter), per-step losses as a DVC plots file, TensorBoard logs and
 metrics (first/last train loss, held-out eval loss). An interrupted run resumes from its last
 checkpoint when params and data are unchanged.

@@ -37,18 +37,14 @@ def as_response(prompt: Any, text: str) -> Any:
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
-SFT_LOSS_MASKS = {
-    "completion": "string rows: the loss covers the completion (TRL's completion-only loss)",
-    "assistant_tokens": "every assistant turn: the template marks them with {% generation %}",
-    "last_assistant_turn": "the template has no generation markers: each conversation is trained as prompt "
-    "(everything before its last assistant turn) + completion (that turn), rendered by the model's own template "
-    "and split where the prompt's render stops matching the full render",
-}
-"""How the SFT loss finds the tokens to learn, by what the tokenizer's chat template supports."""
-
-
 def sft_loss_mask(tokenizer, conversational: bool) -> str:
-    """The `SFT_LOSS_MASKS` strategy for this tokenizer and data format.
+    """How the SFT loss finds the tokens to learn, by data format and what the chat template supports.
+
+    - `completion`: string rows; the loss covers the completion (TRL's completion-only loss).
+    - `assistant_tokens`: every assistant turn; the template marks them with `{% generation %}`.
+    - `last_assistant_turn`: no generation markers; each conversation is trained as prompt (everything before its
+      last assistant turn) + completion (that turn), rendered by the model's own template and split where the
+      prompt's render stops matching the full render.
 
     Only a template with its own generation markers masks every assistant turn: TRL's patched training variants
     (Qwen3's keeps an empty `<think>` block in earlier turns, which the official template drops) would train SFT
