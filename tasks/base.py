@@ -7,11 +7,18 @@ Otherwise it records the hub id or local folder to load, so big weights are not 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tasks.lib.files import atomic_path, write_json
-from tasks.lib.policies import BASE_SOURCE_FILE, check_model_source, is_builtin, scrub_saved_configs
+from tasks.lib.policies import (
+    BASE_SOURCE_FILE,
+    BASE_TEMPLATE_FILE,
+    check_model_source,
+    is_builtin,
+    read_chat_template,
+    scrub_saved_configs,
+)
+from tasks.lib.records import read_records
 from tasks.lib.schema import BuiltinModelParams, Params
 from tasks.lib.stage import stage_main
 
@@ -28,17 +35,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def corpus_texts(path: Path) -> list[str]:
-    """Every text field of a JSON-lines file. Lines `prepare` will reject are skipped here, not judged."""
-    texts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            texts.extend(_strings(row))
-    return texts
+def corpus_texts(path: Path, data_format: str) -> list[str]:
+    """Every text field of the SFT rows. Rows `prepare` will reject are skipped here, not judged."""
+    return [text for row in read_records(path, "sft", data_format).rows for text in _strings(row)]
 
 
 def _strings(value) -> list[str]:
@@ -71,7 +70,6 @@ def build_tokenizer(texts: list[str], vocab_size: int):
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
@@ -110,13 +108,17 @@ def build_base(params: Params, corpus: Path, out: Path) -> None:
     """
     model = params.model
     source = None if is_builtin(model) else check_model_source(model.base, model.revision)
+    template = read_chat_template(model.chat_template) if model.chat_template else None
     with atomic_path(out) as scratch:
         scratch.mkdir()
         if source is not None:
             write_json(scratch / BASE_SOURCE_FILE, {"name_or_path": model.base, "revision": model.revision})
+            if template is not None:
+                (scratch / BASE_TEMPLATE_FILE).write_text(template, encoding="utf-8")
             print(f"base: {model.base} ({source}), loaded by each stage that needs it")
         else:
-            tokenizer = build_tokenizer(corpus_texts(corpus), model.builtin.vocab_size)
+            tokenizer = build_tokenizer(corpus_texts(corpus, params.data.format), model.builtin.vocab_size)
+            tokenizer.chat_template = template or CHAT_TEMPLATE
             network = build_model(tokenizer, model.builtin)
             network.save_pretrained(scratch)
             tokenizer.save_pretrained(scratch)

@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.lib.files import atomic_path, read_json, write_json
-from tasks.lib.hashing import directory_digest, file_digest
+from tasks.lib.hashing import directory_digest, source_digest
 from tasks.lib.policies import PROMOTION_FILE, adapter_of, merge_adapter, scrub_saved_configs, trained_round
+from tasks.lib.records import hub_source
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 
@@ -35,6 +36,16 @@ def max_logit_difference(merged, base: Path, adapter: Path, tokenizer, texts: li
         actual = merged(**batch).logits
     mask = batch["attention_mask"].bool()
     return (expected - actual).abs()[mask].max().item()
+
+
+def hub_lines(lineage: dict) -> str:
+    """Model-card lines naming the hub datasets the data was fetched from, pinned revision and revision loaded."""
+    return "".join(
+        f"- `{path}`: hub dataset `{source['id']}` split `{source['split']}`"
+        + (f" subset `{source['subset']}`" if source["subset"] else "")
+        + f", revision `{source['loaded_revision'] or source['revision'] or 'default branch'}`\n"
+        for path, source in lineage.get("hub_datasets", {}).items()
+    )
 
 
 def model_card(params: Params, lineage: dict) -> str:
@@ -59,7 +70,7 @@ promotion gate accepted, merged into a standalone model.
 
 - base: `{params.model.base}`
 - SFT: {params.sft.method}, data `{params.data.sft}` (sha256 `{data_sha[params.data.sft]}`)
-- reference snapshot sha256: `{lineage["reference_sha256"][:12]}`
+{hub_lines(lineage)}- reference snapshot sha256: `{lineage["reference_sha256"][:12]}`
 - prompts: `{prompts.pool}` (sha256 `{data_sha[prompts.pool]}`), {prompts.per_round} per round
 - sampling: {sampling.samples_per_prompt} per prompt, temperature {sampling.temperature}, top_p {sampling.top_p};
   judge `{judge.kind}`; pairs `{pairs.strategy}` (min gap {pairs.min_gap})
@@ -125,7 +136,8 @@ def export_final(params: Params, policies: Path, reference_metrics: Path, out: P
         "base": params.model.base,
         "source": source,
         "reference_sha256": read_json(reference_metrics)["sha256"],
-        "data": {name: file_digest(Path(name)) for name in data_files},
+        "data": {name: source_digest(name) for name in data_files},
+        "hub_datasets": {name: hub_source(name) for name in data_files if hub_source(name) is not None},
         "rounds": round_decisions(params, policies),
         "params": params.model_dump(mode="json"),
     }

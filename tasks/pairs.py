@@ -18,10 +18,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.chat import as_response, last_content
+from tasks.lib.chat import as_response, boundary_report, last_content
 from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
-from tasks.lib.policies import load_tokenizer, resolve_base
+from tasks.lib.policies import load_base_tokenizer
 from tasks.lib.records import enforce_bad_line_policy, file_report, read_records, token_length_report
 from tasks.lib.schema import PairParams, Params
 from tasks.lib.stage import stage_main
@@ -111,8 +111,7 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
             )
         enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
         write_records(scratch, result.rows)
-    name_or_path, revision = resolve_base(base)
-    tokenizer = load_tokenizer(name_or_path, params.model, revision)
+    tokenizer = load_base_tokenizer(base, params.model)
     summary = {
         "pairs": len(result.rows),
         "onpolicy_pairs": len(onpolicy),
@@ -121,6 +120,7 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
         **length_stats(result.rows, tokenizer),
         **file_report(result),
         **token_length_report(result.rows, tokenizer, params.dpo.sequence.max_length),
+        "template": boundary_report(result.rows, tokenizer),
     }
     write_json(report, summary)
     print(

@@ -9,12 +9,14 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from tasks.lib.chat import boundary_report, sft_loss_mask
 from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, write_json, write_records
-from tasks.lib.policies import load_tokenizer, resolve_base
+from tasks.lib.policies import load_base_tokenizer
 from tasks.lib.records import (
     enforce_bad_line_policy,
     file_report,
+    hub_source,
     read_records,
     refuse_unrenderable,
     token_length_report,
@@ -39,6 +41,12 @@ def sample(rows: list, fraction: float, max_rows: int | None, seed: int) -> list
         return rows
     chosen = sorted(random.Random(seed).sample(range(len(rows)), keep))
     return [rows[i] for i in chosen]
+
+
+def source_report(path: Path) -> dict:
+    """Where a data source's rows came from, when a `fetch` stage loaded them from the hub."""
+    source = hub_source(path)
+    return {"hub": source} if source is not None else {}
 
 
 def prepare(
@@ -67,8 +75,7 @@ def prepare(
         report: the data report (DVC metric), with every dropped line as file:line: reason
     """
     data = params.data
-    name_or_path, revision = resolve_base(base)
-    tokenizer = load_tokenizer(name_or_path, params.model, revision)
+    tokenizer = load_base_tokenizer(base, params.model)
     results = {
         "sft": read_records(sft, "sft", data.format),
         "eval_pairs": read_records(eval_pairs, "pairs", data.format),
@@ -91,16 +98,23 @@ def prepare(
     train, heldout = split(sampled["sft"], data.heldout_fraction, data.seed)
     summary = {
         "sft": {
+            **source_report(sft),
             **file_report(results["sft"]),
             "sampled": len(sampled["sft"]),
             "train": len(train),
             "heldout": len(heldout),
             **token_length_report(sampled["sft"], tokenizer, params.sft.max_length),
+            "template": {
+                "loss_mask": sft_loss_mask(tokenizer, any("messages" in row for row in sampled["sft"])),
+                **boundary_report(sampled["sft"], tokenizer),
+            },
         },
         "eval_pairs": {
+            **source_report(eval_pairs),
             **file_report(results["eval_pairs"]),
             "sampled": len(sampled["eval_pairs"]),
             **token_length_report(sampled["eval_pairs"], tokenizer, params.dpo.sequence.max_length),
+            "template": boundary_report(sampled["eval_pairs"], tokenizer),
         },
     }
     for path, rows in ((sft_train, train), (sft_heldout, heldout), (eval_pairs_out, sampled["eval_pairs"])):
@@ -110,7 +124,8 @@ def prepare(
     for name, section in summary.items():
         print(
             f"{name}: kept {section['kept']} of {section['lines']} lines, dropped {section['dropped']}, "
-            f"duplicates {section['duplicates_removed']}, truncated {section['truncated_rows']}"
+            f"duplicates {section['duplicates_removed']}, truncated {section['truncated_rows']}; "
+            f"prompt boundary {section['template']['prompt_boundary']}"
         )
         for dropped in section["dropped_lines"]:
             print(f"  dropped {dropped}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from tasks.lib.chat import last_turn_example, sft_loss_mask
 from tasks.lib.files import atomic_path, write_json
 from tasks.lib.hashing import file_digest
-from tasks.lib.policies import load_model, load_tokenizer, resolve_base, scrub_saved_configs
+from tasks.lib.policies import load_base_tokenizer, load_model, resolve_base, scrub_saved_configs
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 from tasks.lib.training import logged_history, lora_config, resume_checkpoint, training_arguments
@@ -78,7 +78,7 @@ def train_sft(
     from datasets import load_dataset
 
     name_or_path, revision = resolve_base(base)
-    tokenizer = load_tokenizer(name_or_path, params.model, revision)
+    tokenizer = load_base_tokenizer(base, params.model)
     model = load_model(name_or_path, params.model, revision, quantize=params.sft.method == "lora")
     data = load_dataset("json", data_files={"train": str(train), "heldout": str(heldout)})
     fingerprint = {

@@ -8,6 +8,7 @@ only what the test's edit changes, and the tests pass in any order.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from filelock import FileLock
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = (
     "tasks",
+    "chat_templates",
     "flows",
     "data/builtin",
     "data/incoming",
@@ -39,6 +41,7 @@ MICRO_POOL = 64
 # Before Prefect is imported anywhere: no telemetry, and Prefect's files in a temporary folder, not the project's.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sftdpo-prefect-home-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

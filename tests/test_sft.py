@@ -179,3 +179,45 @@ def test_dpo_generation_and_sft_see_one_rendering(name, builtin_base, tmp_path):
     rendered = render(tokenizer, pair["prompt"])
     special = adds_special_tokens(pair["prompt"])
     assert tokenizer(rendered, add_special_tokens=special)["input_ids"] == dpo["prompt_ids"]
+
+
+# Gemma-like: the generation prompt ends with an empty thought block that the full conversation does not render.
+THOUGHT_PROMPT_TEMPLATE = MARKERLESS_TEMPLATE.replace(
+    "[assistant]\n{% endif %}", "[assistant]\n<thought></thought>{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "boundary"),
+    [
+        ("builtin", "prefix"),
+        ("qwen3", "prefix"),
+        ("markerless", "prefix"),
+        ("stories260K", "prefix"),
+        ("thought", "common_prefix"),
+    ],
+)
+def test_data_report_names_how_the_prompt_boundary_was_found(name, boundary, builtin_base):
+    from tasks.lib.chat import boundary_report
+
+    tokenizer = tokenizer_named("markerless" if name == "thought" else name, builtin_base)
+    if name == "thought":
+        tokenizer.chat_template = THOUGHT_PROMPT_TEMPLATE
+    if name == "stories260K":
+        rows = [{"prompt": "Once upon a time,", "completion": " a cat."}]
+    else:
+        rows = [
+            {"messages": CONVERSATION},
+            {
+                "prompt": CONVERSATION[:-1],
+                "chosen": CONVERSATION[-1:],
+                "rejected": [{"role": "assistant", "content": "5"}],
+            },
+        ]
+    report = boundary_report(rows, tokenizer)
+    assert report["prompt_boundary"] == boundary
+    if boundary == "prefix":
+        assert report["rows_prompt_not_prefix"] == 0 and "example_dropped" not in report
+    else:
+        assert report["rows_prompt_not_prefix"] == 2
+        assert report["example_dropped"] == "<thought></thought>"

@@ -62,3 +62,48 @@ def last_turn_example(row: dict) -> dict:
     messages = row["messages"]
     last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
     return {"prompt": messages[:last], "completion": [messages[last]]}
+
+
+def prompt_response_pairs(row: dict) -> list[tuple[Any, Any]]:
+    """The (prompt, response) pairs a row trains on: SFT's prompt + completion, or a pair's chosen and rejected."""
+    if "messages" in row:
+        example = last_turn_example(row)
+        return [(example["prompt"], example["completion"])]
+    if "completion" in row:
+        return [(row["prompt"], row["completion"])]
+    return [(row["prompt"], row["chosen"]), (row["prompt"], row["rejected"])]
+
+
+def _ids(tokenizer, prompt: Any, response: Any = None) -> list[int]:
+    return tokenizer(render(tokenizer, prompt, response), add_special_tokens=adds_special_tokens(prompt))["input_ids"]
+
+
+def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
+    """Leading tokens two sequences share (TRL's rule; kept here so light stages need not import TRL)."""
+    shorter = min(len(ids), len(other_ids))
+    return next((i for i in range(shorter) if ids[i] != other_ids[i]), shorter)
+
+
+def boundary_report(rows: list[dict], tokenizer) -> dict[str, Any]:
+    """Where the response starts in each row, as TRL's SFT and DPO trainers find it, and how often that is not clean.
+
+    The prompt is rendered alone (with the generation prompt) and with its response; the response starts where the two
+    token sequences diverge. `prefix`: for every row the prompt's tokens are a prefix of the full sequence, so training,
+    sampling and evaluation see the same prompt. `common_prefix`: for some rows they are not (a template that renders
+    the prompt alone differently, e.g. a generation prompt the full render drops, or tokens merging across the
+    boundary); the end of the prompt that differs is left out of those training sequences (`example_dropped` shows it).
+    """
+    not_prefix, example = 0, None
+    for row in rows:
+        for prompt, response in prompt_response_pairs(row):
+            prompt_ids = _ids(tokenizer, prompt)
+            common = common_prefix_length(prompt_ids, _ids(tokenizer, prompt, response))
+            if common < len(prompt_ids):
+                not_prefix += 1
+                example = example or tokenizer.decode(prompt_ids[common:])
+                break
+    return {
+        "prompt_boundary": "common_prefix" if not_prefix else "prefix",
+        "rows_prompt_not_prefix": not_prefix,
+        **({"example_dropped": example} if example is not None else {}),
+    }

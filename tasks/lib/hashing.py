@@ -18,3 +18,8 @@ def directory_digest(folder: str | Path) -> str:
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
+
+
+def source_digest(path: str | Path) -> str:
+    """The identity of a data source: a file's digest, or a folder's (a `save_to_disk` or fetched hub dataset)."""
+    return directory_digest(path) if Path(path).is_dir() else file_digest(path)

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
 from pydantic import BaseModel
 
 from tasks.lib.params import ParamsError, load_params
-from tasks.lib.schema import Params, RoundParams, Section
+from tasks.lib.schema import Params, Section
+
+
+def _mapping_entry(annotation) -> type[Section] | None:
+    """The section type of a `dict[str, Section]` field (a mapping of named entries), else None."""
+    if typing.get_origin(annotation) is dict:
+        value = typing.get_args(annotation)[1]
+        if isinstance(value, type) and issubclass(value, Section):
+            return value
+    return None
 
 
 def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:
@@ -26,9 +36,10 @@ def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:
             rows.append(f"| `{key}` | section | {meaning} |")
             rows.extend(_field_rows(annotation, key + "."))
             continue
-        if name == "rounds":
+        entry = _mapping_entry(annotation)
+        if entry is not None:
             rows.append(f"| `{key}` | mapping | {meaning} |")
-            rows.extend(_field_rows(RoundParams, key + ".<name>."))
+            rows.extend(_field_rows(entry, key + ".<name>."))
             continue
         default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)}`"
         rows.append(f"| `{key}` | {default} | {meaning} |")

@@ -19,6 +19,8 @@ from tasks.lib.schema import BUILTIN, SFT_POLICY, ModelParams
 
 BASE_SOURCE_FILE = "source.json"
 """In a base folder: the hub id or folder to load, when the base is not built locally."""
+BASE_TEMPLATE_FILE = "chat_template.jinja"
+"""In a base folder that points elsewhere: the `model.chat_template` that replaces the tokenizer's own."""
 ADAPTER_DIR = "adapter"
 PROMOTION_FILE = "promotion.json"
 
@@ -82,6 +84,35 @@ def resolve_base(base_dir: str | Path) -> tuple[str, str | None]:
     return str(base_dir), None
 
 
+def read_chat_template(path: str) -> str:
+    """The text of a `model.chat_template` file, or SettingError naming the file (and line) when it cannot serve."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise SettingError(f"model.chat_template {path}: cannot be read ({error.strerror})") from None
+    try:
+        _compile_jinja_template(template)  # transformers' own environment: its extensions ({% generation %}) parse
+    except TemplateSyntaxError as error:
+        raise SettingError(
+            f"model.chat_template {path}:{error.lineno}: not a valid Jinja template: {error.message}"
+        ) from None
+    return template
+
+
+def load_base_tokenizer(base_dir: str | Path, model: ModelParams):
+    """The base model's tokenizer as every stage must see it: from the built folder or the source it points to,
+    with the `model.chat_template` the base stage stored."""
+    name_or_path, revision = resolve_base(base_dir)
+    stored = Path(base_dir) / BASE_TEMPLATE_FILE
+    template = (
+        stored.read_text(encoding="utf-8") if (Path(base_dir) / BASE_SOURCE_FILE).exists() and stored.exists() else None
+    )
+    return load_tokenizer(name_or_path, model, revision, chat_template=template)
+
+
 def has_cuda() -> bool:
     import torch
 
@@ -119,13 +150,16 @@ def _quantization_config(model: ModelParams):
     )
 
 
-def load_tokenizer(path: str, model: ModelParams, revision: str | None = None):
+def load_tokenizer(path: str, model: ModelParams, revision: str | None = None, chat_template: str | None = None):
+    """`AutoTokenizer.from_pretrained`, with a replacement chat template, `model.enable_thinking` and a pad token."""
     from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
     if revision:
         kwargs["revision"] = revision
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if model.enable_thinking is not None and isinstance(tokenizer.chat_template, str):
         tokenizer.chat_template = with_thinking(tokenizer.chat_template, model.enable_thinking)
     if tokenizer.pad_token is None:

@@ -44,6 +44,16 @@ class ReadResult:
         return f"{self.path}:{number}" if self.unit == "line" else f"{self.path} row {number}"
 
 
+HUB_SOURCE_FILE = "source.json"
+"""In a folder the `fetch` stage wrote: the hub dataset it holds (id, split, subset, pinned and loaded revision)."""
+
+
+def hub_source(path: str | Path) -> dict | None:
+    """The hub dataset a data source was fetched from, or None for a local file or folder."""
+    record = Path(path) / HUB_SOURCE_FILE
+    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+
+
 def row_format(row: dict[str, Any]) -> str:
     """`conversational` (message lists) or `standard` (strings): TRL's two formats, which one file must not mix."""
     value = row.get("messages", row.get("prompt"))

@@ -7,6 +7,7 @@ against it.
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +30,22 @@ class Section(BaseModel):
     """A params.yaml section: unknown keys are errors and every field carries its docstring."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+CHAT_TEMPLATES_DIR = "chat_templates"
+"""Where `model.chat_template` files live: dvc.yaml's `base` stage depends on this folder."""
+
+
+class HubDatasetParams(Section):
+    id: str
+    """Hub dataset id, e.g. `trl-lib/ultrafeedback_binarized`."""
+    split: str = "train"
+    """Split to load."""
+    subset: str | None = None
+    """Configuration (subset) name, `load_dataset`'s `name`; None: the dataset's default."""
+    revision: str | None = None
+    """Revision to load; pin a 40-hex commit sha (the fetched copy is checked against it and recorded in lineage).
+    None: the default branch as the hub or the local cache has it."""
 
 
 class DataParams(Section):
@@ -55,6 +72,11 @@ class DataParams(Section):
     """With `on_bad_lines: drop`, the largest fraction of a file's lines that may be dropped before the run fails."""
     seed: int = 0
     """Seed of the SFT train/held-out split and of the row sampling."""
+    hub: dict[str, HubDatasetParams] = {}
+    """Hub datasets to fetch. Each `name: {id, split, subset, revision}` is a `fetch@name` stage that loads it with
+    `datasets.load_dataset` (offline: from the local Hugging Face cache) and saves it to `data/hub/<name>`, a
+    `save_to_disk` folder any data key (`sft`, `eval_pairs`, `onpolicy.prompts.pool`, an incoming file) can name.
+    DVC then versions the fetched rows, so a run is reproducible even after the hub copy changes."""
 
 
 class BuiltinModelParams(Section):
@@ -102,8 +124,24 @@ class ModelParams(Section):
     """For hybrid-thinking templates (Qwen3): `false` renders the empty `<think>` block into every generation
     prompt (the model answers without reasoning and never learns to emit one), `true` leaves thinking to the model;
     null keeps the template's default. Set into the template itself, so SFT, DPO, sampling and lm-eval all see it."""
+    chat_template: str | None = None
+    """A Jinja chat template file that replaces the tokenizer's own, for every stage (e.g. to add `{% generation %}`
+    markers so SFT learns every assistant turn, or for a base model without a template). It must live in
+    `chat_templates/`, the folder the `base` stage depends on, so editing it re-runs what it changes. None: the
+    tokenizer's own template."""
     builtin: BuiltinModelParams = BuiltinModelParams()
     """Shape of the built-in model (used when `base: builtin`)."""
+
+    @model_validator(mode="after")
+    def _template_in_tracked_folder(self) -> ModelParams:
+        if self.chat_template is not None:
+            path = PurePosixPath(self.chat_template)
+            if path.is_absolute() or path.parts[:1] != (CHAT_TEMPLATES_DIR,) or ".." in path.parts:
+                raise ValueError(
+                    f"chat_template {self.chat_template}: put the template in {CHAT_TEMPLATES_DIR}/ (a path relative "
+                    "to the project) so DVC tracks its content"
+                )
+        return self
 
 
 class LoraParams(Section):

@@ -83,6 +83,8 @@ def build_parser(work: Callable[..., Any]) -> argparse.ArgumentParser:
             parser.add_argument(_flag(name), dest=name, type=Path, default=None, help=help_text)
         elif hint is Path:
             parser.add_argument(_flag(name), dest=name, type=Path, required=True, help=help_text)
+        elif hint is str:
+            parser.add_argument(_flag(name), dest=name, required=True, help=help_text)
         else:
             raise TypeError(f"{work.__qualname__}: parameter {name} ({hint}) has no command-line form")
     return parser
