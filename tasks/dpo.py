@@ -1,4 +1,5 @@
-"""Stage `dpo@<round>`: one DPO round with TRL's DPOTrainer on stored reference log-probs.
+"""Stage `dpo@<round>`: one DPO round with TRL's DPOTrainer on stored reference log-probs (or, for a round whose
+objective is ORPO or SimPO, TRL's reference-free ORPOTrainer / CPOTrainer on the same tokens).
 
 The round starts from the previous policy (the SFT snapshot for the first round), trains full
 weights or a LoRA adapter (then merged, so the next round starts from a plain model), and runs
@@ -25,6 +26,7 @@ from tasks.lib.training import (
     dpo_sequence_config,
     logged_history,
     lora_config,
+    reference_free_trainer,
     resume_checkpoint,
     training_arguments,
 )
@@ -51,6 +53,23 @@ def stored_reference_trainer_class():
             return dataset
 
     return StoredReferenceDPOTrainer
+
+
+def dpo_trainer(params: Params, checkpoints: Path, training: dict, trainer_arguments: dict):
+    """TRL's DPOTrainer reading the round's stored reference log-probs (no reference model in memory)."""
+    loss = params.dpo.loss
+    config = dpo_sequence_config(
+        params,
+        checkpoints,
+        **training,
+        precompute_ref_log_probs=True,
+        loss_type=list(loss.types),
+        loss_weights=loss.weights,
+        beta=loss.beta,
+        label_smoothing=loss.label_smoothing,
+        eval_strategy="no",
+    )
+    return stored_reference_trainer_class()(ref_model=None, args=config, **trainer_arguments)
 
 
 def distinct_trigram_ratio(tokens: list[int]) -> float:
@@ -140,27 +159,25 @@ def train_round(
         "pairs": file_digest(reference_logps / "train.jsonl"),
     }
     resume = resume_checkpoint(checkpoints, fingerprint)
-    loss = params.dpo.loss
-    config = dpo_sequence_config(
-        params,
-        checkpoints,
-        **training_arguments(params.dpo.train, checkpoints, logs),
-        precompute_ref_log_probs=True,
-        loss_type=list(loss.types),
-        loss_weights=loss.weights,
-        beta=loss.beta,
-        label_smoothing=loss.label_smoothing,
-        eval_strategy="no",
-    )
-    trainer = stored_reference_trainer_class()(
-        model=model,
-        ref_model=None,
-        args=config,
-        train_dataset=data["train"],
-        eval_dataset=data["eval"],
-        processing_class=tokenizer,
-        peft_config=lora_config(params.dpo.lora) if lora else None,
-    )
+    trainer_arguments = {
+        "model": model,
+        "train_dataset": data["train"],
+        "eval_dataset": data["eval"],
+        "processing_class": tokenizer,
+        "peft_config": lora_config(params.dpo.lora) if lora else None,
+    }
+    training = training_arguments(params.dpo.train, checkpoints, logs, params.tracking, run_name=f"dpo@{round_name}")
+    if spec.objective == "dpo":
+        trainer = dpo_trainer(params, checkpoints, training, trainer_arguments)
+        reference_chosen = statistics.fmean(data["eval"]["ref_chosen_logps"])
+        start = None
+    else:
+        trainer = reference_free_trainer(
+            spec.objective, params, {**training, "eval_strategy": "no"}, **trainer_arguments
+        )
+        # No reference: the drift is measured against the starting policy, in the trainer's own units.
+        start = trainer.evaluate()
+        reference_chosen = start["eval_logps/chosen"]
     trainer.train(resume_from_checkpoint=resume)
     evaluation = trainer.evaluate()
     history = logged_history(trainer)
@@ -179,7 +196,6 @@ def train_round(
         ]
         sanity = sanity_generations(merged, tokenizer, prompts, params.dpo.guard)
 
-    reference_chosen = statistics.fmean(data["eval"]["ref_chosen_logps"])
     drift = evaluation["eval_logps/chosen"] - reference_chosen
     pass_rate = sum(item["passed"] for item in sanity) / len(sanity)
     reasons = guard_verdict(params.dpo.guard, drift, pass_rate)
@@ -194,8 +210,13 @@ def train_round(
         "eval_loss": evaluation["eval_loss"],
         "eval_reward_accuracy": evaluation["eval_rewards/accuracies"],
         "eval_reward_margin": evaluation["eval_rewards/margins"],
-        "reference_eval_reward_accuracy": _reference_accuracy(data["eval"]),
+        "objective": spec.objective,
+        "start_eval_reward_margin": start["eval_rewards/margins"] if start else None,
+        "reference_eval_reward_accuracy": _reference_accuracy(data["eval"]) if spec.objective == "dpo" else None,
         "chosen_logp_drift": drift,
+        "chosen_logp_drift_against": "reference (sum per sequence)"
+        if spec.objective == "dpo"
+        else ("the starting policy (mean per token)"),
         "sanity_pass_rate": pass_rate,
         "sanity_examples": sanity[:3],
         "quality": "failed-quality" if reasons else "ok",

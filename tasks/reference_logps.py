@@ -2,7 +2,8 @@
 
 Computed once, by TRL's own precompute pass (same tokenisation and truncation as training), and
 stored as a DVC output. DPO then trains with no reference model in memory, and a change of
-`dpo.loss.beta` (or any other training setting) does not recompute them.
+`dpo.loss.beta` (or any other training setting) does not recompute them. A round whose objective is
+reference-free (ORPO, SimPO) gets its pairs without log-probs, and no reference is loaded.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tasks.lib.files import atomic_path, load_splits, write_records
+from tasks.lib.files import atomic_path, load_records, load_splits, write_records
 from tasks.lib.policies import load_model, load_tokenizer
 from tasks.lib.schema import SFT_POLICY, Params
 from tasks.lib.stage import stage_main
@@ -69,9 +70,22 @@ def round_reference_logps(
         out: folder for train.jsonl and eval.jsonl
     """
     spec = params.dpo.rounds[round_name]
+    if spec.objective != "dpo":
+        write_pairs_only(pairs, eval_pairs, out)
+        print(f"reference_logps@{round_name}: none computed, the round's objective ({spec.objective}) has no reference")
+        return
     reference = sft_policy if spec.reference == SFT_POLICY else previous_policy
     print(f"reference_logps@{round_name}: reference {spec.reference} ({reference})")
     compute_reference_logps(params, reference, pairs, eval_pairs, out)
+
+
+def write_pairs_only(pairs: Path, eval_pairs: Path, out: Path) -> None:
+    """The round's folder for a reference-free objective: the same splits, without reference columns."""
+    with atomic_path(out) as scratch:
+        scratch.mkdir()
+        for name, source in (("train", pairs), ("eval", eval_pairs)):
+            rows = [{column: row[column] for column in PAIR_COLUMNS} for row in load_records(source)]
+            write_records(scratch / f"{name}.jsonl", rows)
 
 
 if __name__ == "__main__":

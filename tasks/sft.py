@@ -33,7 +33,7 @@ def sft_trainer(params: Params, model, tokenizer, data, checkpoints: Path, logs:
     if loss_mask == "last_assistant_turn":
         data = data.map(last_turn_example, remove_columns=["messages"])
     config = SFTConfig(
-        **training_arguments(params.sft.train, checkpoints, logs),
+        **training_arguments(params.sft.train, checkpoints, logs, params.tracking, run_name="sft"),
         max_length=params.sft.max_length,
         assistant_only_loss=loss_mask == "assistant_tokens",
         completion_only_loss=loss_mask != "assistant_tokens",

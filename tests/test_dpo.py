@@ -80,3 +80,39 @@ def test_guard_fires_on_chosen_logp_collapse_and_degenerate_generations():
 def test_distinct_trigram_ratio_spots_repetition():
     assert distinct_trigram_ratio([1, 2, 3, 4, 5]) == 1.0
     assert distinct_trigram_ratio([7, 7, 7, 7, 7, 7, 7, 7]) == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_reference_free_rounds_train_on_dpo_tokens_without_reference_logps(objective, tmp_path):
+    """An ORPO or SimPO round: its reference_logps folder holds the pairs only (no reference is loaded), TRL's
+    trainer for the objective runs on DPO's tokens, and the held-out reward margin it reports grows."""
+    from tasks.reference_logps import round_reference_logps
+
+    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no no no"} for i in range(16)]
+    raw = tmp_path / "pairs.jsonl"
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    params = load_params(
+        ROOT / "params.yaml",
+        {
+            "dpo.rounds.r1.objective": objective,
+            "dpo.train.max_steps": 12,
+            "dpo.train.batch_size": 8,
+            "dpo.train.learning_rate": 0.01,
+            "dpo.guard.sanity_prompts": 1,
+        },
+    )
+    base = tmp_path / "base"
+    build_base(params, ROOT / "data/builtin/sft.jsonl", base)
+    # The reference candidates do not exist: a reference-free round must not load one.
+    round_reference_logps(params, "r1", tmp_path / "no-sft", tmp_path / "no-previous", raw, raw, tmp_path / "ref")
+    stored = [json.loads(line) for line in (tmp_path / "ref" / "train.jsonl").read_text().splitlines()]
+    assert stored[0] == rows[0]
+    summary = train_round(
+        params, "r1", base, tmp_path / "ref", tmp_path / "policy", tmp_path / "ckpt", None,
+        tmp_path / "plots.json", tmp_path / "metrics.json",
+    )  # fmt: skip
+    assert summary["objective"] == objective and summary["steps"] == 12
+    assert summary["reference_eval_reward_accuracy"] is None
+    assert summary["eval_reward_accuracy"] == 1.0
+    assert summary["eval_reward_margin"] > summary["start_eval_reward_margin"] + 0.1
+    assert summary["train_loss_last"] < summary["train_loss_first"]

@@ -159,7 +159,7 @@ def dpo_example(tokenizer, row: dict, tmp_path: Path) -> dict:
 )
 def test_dpo_generation_and_sft_see_one_rendering(name, builtin_base, tmp_path):
     """DPO's prompt + chosen ids are SFT's ids of the same conversation; the generate stage's prompt is DPO's."""
-    from tasks.lib.chat import adds_special_tokens, render
+    from tasks.lib.chat import adds_special_tokens, preference_ids, render
 
     strings = name == "stories260K"
     if strings:
@@ -175,6 +175,12 @@ def test_dpo_generation_and_sft_see_one_rendering(name, builtin_base, tmp_path):
     tokenizer, sft, _ = first_example(name, [sft_row], builtin_base, tmp_path)
     dpo = dpo_example(tokenizer, pair, tmp_path)
     assert dpo["prompt_ids"] + dpo["chosen_ids"] == sft["input_ids"]
+    # ORPO and SimPO rounds are fed the ids this project computes: they must be DPO's own.
+    assert preference_ids(tokenizer, pair["prompt"], pair["chosen"], pair["rejected"]) == (
+        dpo["prompt_ids"],
+        dpo["chosen_ids"],
+        dpo["rejected_ids"],
+    )
     # The generate stage renders the prompt and tokenises it as the sampler does (one BOS for the string rows).
     rendered = render(tokenizer, pair["prompt"])
     special = adds_special_tokens(pair["prompt"])

@@ -78,6 +78,23 @@ def _ids(tokenizer, prompt: Any, response: Any = None) -> list[int]:
     return tokenizer(render(tokenizer, prompt, response), add_special_tokens=adds_special_tokens(prompt))["input_ids"]
 
 
+def preference_ids(tokenizer, prompt: Any, chosen: Any, rejected: Any) -> tuple[list[int], list[int], list[int]]:
+    """A pair's prompt, chosen and rejected token ids exactly as TRL's DPOTrainer tokenises it.
+
+    String responses get the EOS token appended (TRL does it for non-conversational rows); the responses start where
+    the prompt's ids and the full sequence's diverge. The reference-free trainers (ORPO, SimPO), whose own
+    tokenisation differs (they append EOS after a chat template's end-of-turn too), are fed these ids, so every
+    round sees the same tokens whatever its objective.
+    """
+    if isinstance(chosen, str):
+        eos = tokenizer.eos_token
+        chosen, rejected = (text if text.endswith(eos) else text + eos for text in (chosen, rejected))
+    prompt_ids = _ids(tokenizer, prompt)
+    chosen_ids, rejected_ids = _ids(tokenizer, prompt, chosen), _ids(tokenizer, prompt, rejected)
+    start = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
+    return prompt_ids[:start], chosen_ids[start:], rejected_ids[start:]
+
+
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
     """Leading tokens two sequences share (TRL's rule; kept here so light stages need not import TRL)."""
     shorter = min(len(ids), len(other_ids))

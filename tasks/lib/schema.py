@@ -221,6 +221,18 @@ class LossParams(Section):
         return self
 
 
+class ReferenceFreeParams(Section):
+    orpo_lambda: float = Field(0.1, gt=0)
+    """ORPO: weight of the odds-ratio preference term added to the SFT (NLL) loss on chosen responses (TRL's
+    `ORPOConfig.beta`, the paper's lambda)."""
+    simpo_beta: float = Field(2.0, gt=0)
+    """SimPO: scale of the length-normalised log-prob reward (TRL's `CPOConfig.beta` with `loss_type: simpo`)."""
+    simpo_gamma: float = Field(0.5, ge=0)
+    """SimPO: target reward margin between chosen and rejected (TRL's `simpo_gamma`)."""
+    simpo_sft_weight: float = Field(0.0, ge=0)
+    """SimPO: weight of an SFT (NLL) term on chosen responses (TRL's `cpo_alpha`; 0 is plain SimPO, >0 CPO-SimPO)."""
+
+
 class SequenceParams(Section):
     max_length: PositiveInt = 128
     """Tokens of prompt + response per pair; longer pairs are truncated (the data report counts them)."""
@@ -259,6 +271,11 @@ class RoundParams(Section):
     policy)."""
     reference: str = SFT_POLICY
     """Reference policy of the round: `sft` (the frozen SFT snapshot) or the same name as `previous`."""
+    objective: Literal["dpo", "orpo", "simpo"] = "dpo"
+    """`dpo` trains on the round's stored reference log-probs with `dpo.loss`. `orpo` and `simpo` are reference-free
+    (TRL's ORPOTrainer and CPOTrainer with `loss_type: simpo`, settings in `dpo.reference_free`): no reference
+    log-probs are computed for the round (less compute, no reference in memory) and `reference` is unused; the
+    round is evaluated and gated like a DPO round."""
 
 
 class DPOParams(Section):
@@ -267,7 +284,9 @@ class DPOParams(Section):
     lora: LoraParams = LoraParams()
     """Adapter settings when `method: lora`."""
     loss: LossParams = LossParams()
-    """The DPO objective."""
+    """The DPO objective (rounds with `objective: dpo`)."""
+    reference_free: ReferenceFreeParams = ReferenceFreeParams()
+    """Settings of ORPO and SimPO rounds (`objective: orpo` / `simpo`)."""
     sequence: SequenceParams = SequenceParams()
     """Tokenisation limits; shared by the reference log-prob stage so both see the same tokens."""
     train: TrainingParams = TrainingParams(learning_rate=2e-4, epochs=2, batch_size=8)
@@ -451,6 +470,26 @@ class OrchestrationParams(Section):
     """The `sft-dpo/next-round` deployment: its schedule and the appended round's reference."""
 
 
+class TrackingParams(Section):
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    """Where the training stages (`sft`, `dpo`) log their curves: TensorBoard into the stage's `logs/` folder (a DVC
+    output), W&B into `wandb_dir`, MLflow into `mlflow_tracking_uri`. No stage depends on this section: turning a
+    tracker on logs the next run of a stage and re-runs nothing (`dvc repro -f <stage>` logs one again)."""
+    wandb_project: str = "sft-dpo"
+    """W&B project of the runs."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """`offline` writes runs to `wandb_dir` only (upload later with `wandb sync`); `online` sends them (needs a
+    login). A `WANDB_MODE` in the environment wins."""
+    wandb_dir: str = "wandb"
+    """Folder W&B writes its runs into (relative to the project; git-ignored)."""
+    mlflow_tracking_uri: str = "mlflow.db"
+    """MLflow store: a file path (a local SQLite store, relative to the project; git-ignored; `mlflow ui
+    --backend-store-uri sqlite:///mlflow.db` shows it) or a tracking server URL. A `MLFLOW_TRACKING_URI` in the
+    environment wins."""
+    mlflow_experiment: str = "sft-dpo"
+    """MLflow experiment the runs are logged under."""
+
+
 class Params(Section):
     data: DataParams
     """Input data and how it is validated and split."""
@@ -468,6 +507,8 @@ class Params(Section):
     """The standalone exported model."""
     eval: EvalParams = EvalParams()
     """lm-eval evaluation of every model."""
+    tracking: TrackingParams = TrackingParams()
+    """Experiment trackers the training stages log to (TensorBoard, W&B, MLflow)."""
     orchestration: OrchestrationParams = OrchestrationParams()
     """The Prefect flows (no stage reads these, so changing them re-runs nothing)."""
 

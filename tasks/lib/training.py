@@ -6,6 +6,7 @@ and the DPO stage see exactly the same tokens.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -13,13 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tasks.lib.errors import SettingError
 from tasks.lib.files import read_json
 from tasks.lib.policies import has_cuda
-from tasks.lib.schema import LoraParams, Params, TrainingParams
+from tasks.lib.schema import LoraParams, Params, TrackingParams, TrainingParams
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 """Columns of stored reference log-probabilities, as TRL's precompute pass names them."""
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+HIDDEN_PREFIX = "pair_"
+"""Pair columns renamed with this prefix are invisible to TRL's dataset passes (they look for `prompt`, `chosen`)."""
 
 
 def lora_config(lora: LoraParams, task_type: str = "CAUSAL_LM"):
@@ -42,12 +46,45 @@ def use_bf16(setting: bool | str) -> bool:
     return bool(setting)
 
 
-def training_arguments(train: TrainingParams, checkpoint_dir: Path, logs_dir: Path | None) -> dict[str, Any]:
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def trackers(tracking: TrackingParams, logs_dir: Path | None) -> list[str]:
+    """The `report_to` list for transformers, with each tracker pointed where params say (through the environment,
+    the only way transformers' callbacks read their settings). No logs folder (a stage called from a test): none."""
+    if logs_dir is None:
+        return []
+    missing = [name for name in tracking.report_to if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
+    if missing:
+        raise SettingError(
+            f"tracking.report_to: {', '.join(missing)} not installed (pip install {' '.join(missing)}, "
+            "or remove it from the list)"
+        )
+    logs_dir.mkdir(parents=True, exist_ok=True)  # a DVC output, whether or not TensorBoard writes into it
+    # transformers 5 reads TensorBoard's folder from the environment only.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs_dir)
+    if "wandb" in tracking.report_to:
+        os.environ.setdefault("WANDB_MODE", tracking.wandb_mode)
+        os.environ.setdefault("WANDB_PROJECT", tracking.wandb_project)
+        os.environ.setdefault("WANDB_DIR", str(Path(tracking.wandb_dir).resolve()))
+        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+    if "mlflow" in tracking.report_to:
+        uri = tracking.mlflow_tracking_uri  # a URL, or a path: MLflow's local SQLite store (its file store is retired)
+        os.environ.setdefault("MLFLOW_TRACKING_URI", uri if "://" in uri else f"sqlite:///{Path(uri).resolve()}")
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", tracking.mlflow_experiment)
+    return list(tracking.report_to)
+
+
+def training_arguments(
+    train: TrainingParams,
+    checkpoint_dir: Path,
+    logs_dir: Path | None,
+    tracking: TrackingParams | None = None,
+    run_name: str | None = None,
+) -> dict[str, Any]:
     """The keyword arguments SFTConfig and DPOConfig share, from a TrainingParams section."""
-    if logs_dir is not None:
-        # transformers 5 reads TensorBoard's folder from the environment only.
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs_dir)
     return {
+        "run_name": run_name,
         "output_dir": str(checkpoint_dir),
         "learning_rate": train.learning_rate,
         "num_train_epochs": train.epochs,
@@ -68,7 +105,7 @@ def training_arguments(train: TrainingParams, checkpoint_dir: Path, logs_dir: Pa
         "logging_first_step": True,  # a run shorter than logging_steps still reports its loss
         "seed": train.seed,
         "data_seed": train.seed,
-        "report_to": ["tensorboard"] if logs_dir is not None else [],
+        "report_to": trackers(tracking or TrackingParams(), logs_dir),
         "disable_tqdm": not sys.stderr.isatty(),
         "dataloader_num_workers": 0,
     }
@@ -87,6 +124,66 @@ def dpo_sequence_config(params: Params, checkpoint_dir: Path, **extra):
         "report_to": [],
     }
     return DPOConfig(**{**settings, **extra})
+
+
+def truncated(ids: list[int], mask: list[int], max_length: int, mode: str) -> tuple[list[int], list[int]]:
+    """A sequence and its completion mask cut to `max_length` as TRL's DPO collator cuts them."""
+    cut = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+    return ids[cut], mask[cut]
+
+
+def reference_free_row(tokenizer, row: dict, max_length: int, mode: str) -> dict[str, list[int]]:
+    """A pair in the tokenised form TRL's ORPO and CPO trainers train on, from DPO's own ids and truncation."""
+    from tasks.lib.chat import preference_ids
+
+    prompt_ids, *responses = preference_ids(tokenizer, row["prompt"], row["chosen"], row["rejected"])
+    features = {"prompt_input_ids": prompt_ids, "prompt_attention_mask": [1] * len(prompt_ids)}
+    for side, response_ids in zip(("chosen", "rejected"), responses, strict=True):
+        ids, mask = truncated(
+            prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids), max_length, mode
+        )
+        features[f"{side}_input_ids"] = ids
+        features[f"{side}_attention_mask"] = [1] * len(ids)
+        features[f"{side}_labels"] = [token if learned else -100 for token, learned in zip(ids, mask, strict=True)]
+    return features
+
+
+def reference_free_trainer(objective: str, params: Params, training: dict[str, Any], **trainer_arguments):
+    """TRL's ORPOTrainer (`orpo`) or CPOTrainer with the SimPO loss (`simpo`), tokenising pairs as DPO does.
+
+    The pair columns are handed over under other names, so TRL's own prompt extraction and chat-template pass
+    leave them alone, and `tokenize_row` (the trainers' per-row hook) builds each row from DPO's ids.
+    """
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # chosen knowingly: the trainers live in trl.experimental
+    settings = params.dpo.reference_free
+    sequence = params.dpo.sequence
+    common = {**training, "max_length": sequence.max_length, "remove_unused_columns": False}
+    if objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        trainer_class, config = ORPOTrainer, ORPOConfig(**common, beta=settings.orpo_lambda)
+    else:
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        trainer_class = CPOTrainer
+        config = CPOConfig(
+            **common,
+            loss_type="simpo",
+            beta=settings.simpo_beta,
+            simpo_gamma=settings.simpo_gamma,
+            cpo_alpha=settings.simpo_sft_weight,
+        )
+
+    class DPOTokenisedTrainer(trainer_class):
+        def tokenize_row(self, feature, model=None):
+            row = {column: feature[HIDDEN_PREFIX + column] for column in PAIR_COLUMNS}
+            return reference_free_row(self.processing_class, row, sequence.max_length, sequence.truncation_mode)
+
+    for split in ("train_dataset", "eval_dataset"):
+        trainer_arguments[split] = trainer_arguments[split].rename_columns(
+            {column: HIDDEN_PREFIX + column for column in PAIR_COLUMNS}
+        )
+    return DPOTokenisedTrainer(args=config, **trainer_arguments)
 
 
 def resume_checkpoint(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> str | None:
