@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo dashboard plots test browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3
+.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -60,7 +60,11 @@ plots: $(STAMP)
 # SFT_DPO_REQUIRE_BROWSER=1 (CI) makes a missing browser a failure.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not slow" tests
+
+# Whole pipelines on real third-party artifacts (../shared/real): minutes each, so outside `make test`.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=5 -m slow tests
 
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \

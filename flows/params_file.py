@@ -24,7 +24,8 @@ def extended_rounds(params: Params, count: int) -> dict[str, dict[str, str]]:
     """
     if count < 1:
         raise ParamsError(f"rounds: need at least 1 round (got {count})")
-    rounds = {name: spec.model_dump() for name, spec in list(params.dpo.rounds.items())[:count]}
+    # Kept rounds exactly as written (no defaults filled in): a key DVC tracks must not change under a kept round.
+    rounds = {name: spec.model_dump(exclude_unset=True) for name, spec in list(params.dpo.rounds.items())[:count]}
     plan = params.orchestration.next_round
     while len(rounds) < count:
         previous = list(rounds)[-1]

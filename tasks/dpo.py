@@ -24,6 +24,7 @@ from tasks.lib.stage import stage_main
 from tasks.lib.training import (
     REF_COLUMNS,
     dpo_sequence_config,
+    dpo_trainer_class,
     logged_history,
     lora_config,
     reference_free_trainer,
@@ -43,9 +44,8 @@ def stored_reference_trainer_class():
     TRL's precompute mode already reads `ref_chosen_logps`/`ref_rejected_logps` from each batch;
     only its up-front pass is replaced, by a check that the stored columns are there.
     """
-    from trl import DPOTrainer
 
-    class StoredReferenceDPOTrainer(DPOTrainer):
+    class StoredReferenceDPOTrainer(dpo_trainer_class()):
         def _precompute_ref_logps(self, dataset, name, batch_size):
             missing = [column for column in REF_COLUMNS if column not in dataset.column_names]
             if missing:

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.chat import adds_special_tokens, last_content, render
+from tasks.lib.chat import adds_special_tokens, last_content, render, response_text
 from tasks.lib.errors import DataError, SettingError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.judges import open_judge
@@ -47,10 +47,10 @@ REPORTED = {
 }
 
 
-def _continuation(tokenizer, prompt, response, context: str) -> str:
-    """The response exactly as it follows the rendered prompt (end-of-turn token included)."""
-    full = render(tokenizer, prompt, response)
-    return full[len(context) :] if full.startswith(context) else last_content(response)
+def _continuation(tokenizer, prompt, response) -> str:
+    """The response exactly as it follows the rendered prompt (end-of-turn token included), as training split it."""
+    text = response_text(tokenizer, prompt, response)
+    return text if text is not None else last_content(response)
 
 
 def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -> dict[str, list[dict]]:
@@ -61,8 +61,8 @@ def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -
         preference.append(
             {
                 "context": context,
-                "chosen": _continuation(tokenizer, pair["prompt"], pair["chosen"], context),
-                "rejected": _continuation(tokenizer, pair["prompt"], pair["rejected"], context),
+                "chosen": _continuation(tokenizer, pair["prompt"], pair["chosen"]),
+                "rejected": _continuation(tokenizer, pair["prompt"], pair["rejected"]),
             }
         )
         if context not in seen:
@@ -82,7 +82,7 @@ def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -
             (row["messages"][:-1], row["messages"][-1:]) if "messages" in row else (row["prompt"], row["completion"])
         )
         context = render(tokenizer, prompt)
-        perplexity.append({"context": context, "completion": _continuation(tokenizer, prompt, completion, context)})
+        perplexity.append({"context": context, "completion": _continuation(tokenizer, prompt, completion)})
     return {"sftdpo_preference": preference, "sftdpo_generation": generation, "sftdpo_perplexity": perplexity}
 
 

@@ -15,7 +15,7 @@ from tasks.lib.files import atomic_path, load_records, load_splits, write_record
 from tasks.lib.policies import load_model, load_tokenizer
 from tasks.lib.schema import SFT_POLICY, Params
 from tasks.lib.stage import stage_main
-from tasks.lib.training import PAIR_COLUMNS, REF_COLUMNS, dpo_sequence_config
+from tasks.lib.training import PAIR_COLUMNS, REF_COLUMNS, dpo_sequence_config, dpo_trainer_class
 
 
 def compute_reference_logps(params: Params, reference: Path, pairs: Path, eval_pairs: Path, out: Path) -> None:
@@ -28,8 +28,6 @@ def compute_reference_logps(params: Params, reference: Path, pairs: Path, eval_p
         eval_pairs: prepared held-out pairs
         out: folder for train.jsonl and eval.jsonl
     """
-    from trl import DPOTrainer
-
     tokenizer = load_tokenizer(str(reference), params.model)
     model = load_model(str(reference), params.model)
     data = load_splits({"train": pairs, "eval": eval_pairs})
@@ -40,7 +38,7 @@ def compute_reference_logps(params: Params, reference: Path, pairs: Path, eval_p
             precompute_ref_log_probs=True,
             precompute_ref_batch_size=params.reference.batch_size,
         )
-        trainer = DPOTrainer(
+        trainer = dpo_trainer_class()(
             model=model, args=config, train_dataset=data["train"], eval_dataset=data["eval"], processing_class=tokenizer
         )
         splits = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}

@@ -9,9 +9,10 @@ checkpoint when params and data are unchanged.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from tasks.lib.chat import last_turn_example, sft_loss_mask
+from tasks.lib.chat import completion_ids, sft_loss_mask
 from tasks.lib.files import atomic_path, write_json
 from tasks.lib.hashing import file_digest
 from tasks.lib.policies import load_base_tokenizer, load_model, resolve_base, scrub_saved_configs
@@ -30,8 +31,9 @@ def sft_trainer(params: Params, model, tokenizer, data, checkpoints: Path, logs:
 
     conversational = "messages" in data["train"].column_names
     loss_mask = sft_loss_mask(tokenizer, conversational)
-    if loss_mask == "last_assistant_turn":
-        data = data.map(last_turn_example, remove_columns=["messages"])
+    if loss_mask != "assistant_tokens":
+        # Tokenised here, by the split every stage uses (tasks/lib/chat.py), not by TRL's own common-prefix rule.
+        data = data.map(partial(completion_ids, tokenizer), remove_columns=data["train"].column_names)
     config = SFTConfig(
         **training_arguments(params.sft.train, checkpoints, logs, params.tracking, run_name="sft"),
         max_length=params.sft.max_length,

@@ -26,6 +26,36 @@ MARKERLESS_TEMPLATE = (
     "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant]\n{% endif %}"
 )
 
+# Llama-3.1-like: writes its own BOS text, a system block with today's date, no generation markers.
+LLAMA3_TEMPLATE = """{{- bos_token }}
+{%- set date_string = strftime_now("%d %b %Y") %}
+{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}{%- set messages = messages[1:] %}{%- else %}{%- set system_message = "" %}{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}
+"""
+# Mistral-like (v0.3): BOS text, the system message moved into the *last* user turn, alternation enforced.
+MISTRAL_TEMPLATE = """{%- if messages[0]["role"] == "system" %}{%- set system_message = messages[0]["content"] %}{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}
+{%- if message["role"] == "user" %}
+{%- if loop.last and system_message is defined %}{{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}{%- else %}{{- "[INST] " + message["content"] + "[/INST]" }}{%- endif %}
+{%- elif message["role"] == "assistant" %}{{- " " + message["content"] + eos_token }}
+{%- endif %}
+{%- endfor %}
+"""
+LONG_ENOUGH = {"sft.max_length": 1024, "dpo.sequence.max_length": 1024}
+"""No truncation: a 512-token SentencePiece vocabulary spells a Llama 3 system block in hundreds of tokens."""
+ON_STORIES_TOKENIZER = {"llama3": LLAMA3_TEMPLATE, "mistral": MISTRAL_TEMPLATE}
+"""Templates tried on stories260K's SentencePiece tokenizer, which adds a BOS token by default (double-BOS risk)."""
+
 
 @pytest.fixture(scope="module")
 def builtin_base(tmp_path_factory) -> Path:
@@ -39,8 +69,8 @@ def builtin_base(tmp_path_factory) -> Path:
 def tokenizer_named(name: str, builtin_base: Path):
     from transformers import AutoTokenizer
 
-    if name in ("qwen3", "qwen3-nothink", "stories260K"):
-        folder = REAL / ("models/stories260K" if name == "stories260K" else "tokenizers/qwen3")
+    if name in ("qwen3", "qwen3-nothink", "stories260K", *ON_STORIES_TOKENIZER):
+        folder = REAL / ("tokenizers/qwen3" if name.startswith("qwen3") else "models/stories260K")
         if not folder.is_dir():
             pytest.skip(f"no real artifacts at {REAL} (set SFT_DPO_REAL_ARTIFACTS)")
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -48,6 +78,8 @@ def tokenizer_named(name: str, builtin_base: Path):
             from tasks.lib.policies import with_thinking
 
             tokenizer.chat_template = with_thinking(tokenizer.chat_template, enabled=False)
+        if name in ON_STORIES_TOKENIZER:
+            tokenizer.chat_template = ON_STORIES_TOKENIZER[name]
     else:
         tokenizer = AutoTokenizer.from_pretrained(builtin_base)
         if name == "markerless":
@@ -71,7 +103,7 @@ def first_example(name: str, rows: list[dict], builtin_base: Path, tmp_path: Pat
 
     tokenizer = tokenizer_named(name, builtin_base)
     data = DatasetDict(train=Dataset.from_list(rows), heldout=Dataset.from_list(rows))
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / "params.yaml", LONG_ENOUGH)
     trainer, loss_mask = sft_trainer(params, tiny_model(tokenizer), tokenizer, data, tmp_path / "checkpoints", None)
     return tokenizer, trainer.train_dataset[0], loss_mask
 
@@ -89,6 +121,8 @@ def learned_text(tokenizer, example: dict) -> str:
         ("qwen3", "last_assistant_turn", ["The answer is 4."]),
         ("qwen3-nothink", "last_assistant_turn", ["The answer is 4."]),
         ("markerless", "last_assistant_turn", ["The answer is 4."]),
+        ("llama3", "last_assistant_turn", ["The answer is 4."]),
+        ("mistral", "last_assistant_turn", ["The answer is 4."]),
     ],
 )
 def test_loss_covers_exactly_the_assistant_text_the_template_allows(
@@ -108,7 +142,7 @@ def test_loss_covers_exactly_the_assistant_text_the_template_allows(
         leftover = leftover.replace(content, "")
     assert len(leftover.strip()) <= 40, leftover
     bos = tokenizer.bos_token_id
-    assert bos is None or example["input_ids"][:2] != [bos, bos], "double BOS"
+    assert bos is None or example["input_ids"].count(bos) <= 1, "double BOS"
 
 
 def test_thinking_off_puts_the_empty_think_block_in_the_prompt_not_in_what_sft_learns(builtin_base, tmp_path):
@@ -136,14 +170,14 @@ def test_string_rows_learn_the_completion_only_with_a_single_bos(builtin_base, t
 
 def dpo_example(tokenizer, row: dict, tmp_path: Path) -> dict:
     from datasets import Dataset
-    from trl import DPOTrainer
+    from tasks.lib.training import dpo_sequence_config, dpo_trainer_class
 
-    from tasks.lib.training import dpo_sequence_config
-
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / "params.yaml", LONG_ENOUGH)
     config = dpo_sequence_config(params, tmp_path / "dpo", precompute_ref_log_probs=True)
     rows = Dataset.from_list([row])
-    trainer = DPOTrainer(model=tiny_model(tokenizer), args=config, train_dataset=rows, processing_class=tokenizer)
+    trainer = dpo_trainer_class()(
+        model=tiny_model(tokenizer), args=config, train_dataset=rows, processing_class=tokenizer
+    )
     return trainer.train_dataset[0]
 
 
@@ -155,10 +189,15 @@ def dpo_example(tokenizer, row: dict, tmp_path: Path) -> dict:
         "qwen3-nothink",
         "markerless",
         "stories260K",
+        "llama3",
+        "mistral",
     ],
 )
 def test_dpo_generation_and_sft_see_one_rendering(name, builtin_base, tmp_path):
-    """DPO's prompt + chosen ids are SFT's ids of the same conversation; the generate stage's prompt is DPO's."""
+    """DPO's prompt + chosen ids are SFT's ids of the same conversation; the generate stage's prompt is DPO's; one BOS.
+
+    With the Mistral-like template the system message moves into the last user turn, so the prompt alone is not a
+    prefix of the conversation: the split keeps the prompt exactly as sampling sees it (system message included)."""
     from tasks.lib.chat import adds_special_tokens, preference_ids, render
 
     strings = name == "stories260K"
@@ -175,12 +214,14 @@ def test_dpo_generation_and_sft_see_one_rendering(name, builtin_base, tmp_path):
     tokenizer, sft, _ = first_example(name, [sft_row], builtin_base, tmp_path)
     dpo = dpo_example(tokenizer, pair, tmp_path)
     assert dpo["prompt_ids"] + dpo["chosen_ids"] == sft["input_ids"]
-    # ORPO and SimPO rounds are fed the ids this project computes: they must be DPO's own.
+    # ORPO and SimPO rounds are fed the same ids as DPO.
     assert preference_ids(tokenizer, pair["prompt"], pair["chosen"], pair["rejected"]) == (
         dpo["prompt_ids"],
         dpo["chosen_ids"],
         dpo["rejected_ids"],
     )
+    if tokenizer.bos_token_id is not None:
+        assert sft["input_ids"].count(tokenizer.bos_token_id) <= 1, "double BOS"
     # The generate stage renders the prompt and tokenises it as the sampler does (one BOS for the string rows).
     rendered = render(tokenizer, pair["prompt"])
     special = adds_special_tokens(pair["prompt"])
@@ -200,6 +241,8 @@ THOUGHT_PROMPT_TEMPLATE = MARKERLESS_TEMPLATE.replace(
         ("qwen3", "prefix"),
         ("markerless", "prefix"),
         ("stories260K", "prefix"),
+        ("llama3", "prefix"),
+        ("mistral", "inference_prompt"),
         ("thought", "common_prefix"),
     ],
 )
@@ -222,8 +265,9 @@ def test_data_report_names_how_the_prompt_boundary_was_found(name, boundary, bui
         ]
     report = boundary_report(rows, tokenizer)
     assert report["prompt_boundary"] == boundary
-    if boundary == "prefix":
-        assert report["rows_prompt_not_prefix"] == 0 and "example_dropped" not in report
-    else:
-        assert report["rows_prompt_not_prefix"] == 2
-        assert report["example_dropped"] == "<thought></thought>"
+    counts = {"inference_prompt": 0, "common_prefix": 0}
+    if boundary != "prefix":
+        counts[boundary] = 2  # the conversation and the pair
+    assert report["rows_inference_prompt"] == counts["inference_prompt"]
+    assert report["rows_common_prefix"] == counts["common_prefix"]
+    assert report.get("example_dropped") == ("<thought></thought>" if boundary == "common_prefix" else None)

@@ -132,6 +132,28 @@ def truncated(ids: list[int], mask: list[int], max_length: int, mode: str) -> tu
     return ids[cut], mask[cut]
 
 
+def dpo_trainer_class():
+    """TRL's DPOTrainer with its pairs tokenised by `tasks.lib.chat.preference_ids`, the split SFT, sampling and the
+    reference-free trainers use too (TRL's own would cut a Mistral-style prompt where its system message moved)."""
+    from trl import DPOTrainer
+
+    from tasks.lib.chat import preference_ids
+
+    class ProjectTokenisedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            def tokenize(row):
+                ids = preference_ids(processing_class, row["prompt"], row["chosen"], row["rejected"])
+                return dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), ids, strict=True))
+
+            dataset = dataset.map(tokenize, desc=f"Tokenizing {dataset_name} dataset")
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                # As TRL does: a prompt that alone fills max_length leaves no completion token to learn from.
+                dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
+            return dataset
+
+    return ProjectTokenisedDPOTrainer
+
+
 def reference_free_row(tokenizer, row: dict, max_length: int, mode: str) -> dict[str, list[int]]:
     """A pair in the tokenised form TRL's ORPO and CPO trainers train on, from DPO's own ids and truncation."""
     from tasks.lib.chat import preference_ids
