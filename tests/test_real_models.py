@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, commit_all, dvc, make_project, micro
 
 pytestmark = pytest.mark.slow

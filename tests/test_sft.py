@@ -170,6 +170,7 @@ def test_string_rows_learn_the_completion_only_with_a_single_bos(builtin_base, t
 
 def dpo_example(tokenizer, row: dict, tmp_path: Path) -> dict:
     from datasets import Dataset
+
     from tasks.lib.training import dpo_sequence_config, dpo_trainer_class
 
     params = load_params(ROOT / "params.yaml", LONG_ENOUGH)
