@@ -27,30 +27,9 @@ MARKERLESS_TEMPLATE = (
 )
 
 # Llama-3.1-like: writes its own BOS text, a system block with today's date, no generation markers.
-LLAMA3_TEMPLATE = """{{- bos_token }}
-{%- set date_string = strftime_now("%d %b %Y") %}
-{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}{%- set messages = messages[1:] %}{%- else %}{%- set system_message = "" %}{%- endif %}
-{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
-{{- "Cutting Knowledge Date: December 2023\\n" }}
-{{- "Today Date: " + date_string + "\\n\\n" }}
-{{- system_message }}
-{{- "<|eot_id|>" }}
-{%- for message in messages %}
-{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}
-"""
+LLAMA3_TEMPLATE = (Path(__file__).parent / "templates/llama3_like.jinja").read_text()
 # Mistral-like (v0.3): BOS text, the system message moved into the *last* user turn, alternation enforced.
-MISTRAL_TEMPLATE = """{%- if messages[0]["role"] == "system" %}{%- set system_message = messages[0]["content"] %}{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}
-{{- bos_token }}
-{%- for message in loop_messages %}
-{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}
-{%- if message["role"] == "user" %}
-{%- if loop.last and system_message is defined %}{{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}{%- else %}{{- "[INST] " + message["content"] + "[/INST]" }}{%- endif %}
-{%- elif message["role"] == "assistant" %}{{- " " + message["content"] + eos_token }}
-{%- endif %}
-{%- endfor %}
-"""
+MISTRAL_TEMPLATE = (Path(__file__).parent / "templates/mistral_like.jinja").read_text()
 LONG_ENOUGH = {"sft.max_length": 1024, "dpo.sequence.max_length": 1024}
 """No truncation: a 512-token SentencePiece vocabulary spells a Llama 3 system block in hundreds of tokens."""
 ON_STORIES_TOKENIZER = {"llama3": LLAMA3_TEMPLATE, "mistral": MISTRAL_TEMPLATE}
