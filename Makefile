@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3
+.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3 bench-stages
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -109,6 +109,10 @@ bench-generation: $(STAMP)
 # A real pretrained model (llama2.c's stories260K in ../shared/real) through the pipeline with a function judge.
 bench-stories: $(STAMP)
 	$(BIN)/python benchmarks/stories.py
+
+# Where the demo's time goes: per stage, start-up, imports, model load, work, save (clean clone, empty cache).
+bench-stages: $(STAMP)
+	$(BIN)/python benchmarks/stages.py $(ARGS)
 
 # The whole pipeline on the real Qwen3 tokenizer and template with a random-init tiny Qwen3 (../shared/real).
 bench-qwen3: $(STAMP)

@@ -21,6 +21,7 @@ from tasks.lib.policies import (
 from tasks.lib.records import read_records
 from tasks.lib.schema import BuiltinModelParams, Params
 from tasks.lib.stage import stage_main
+from tasks.lib.timing import phase
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
@@ -120,8 +121,9 @@ def build_base(params: Params, corpus: Path, out: Path) -> None:
             tokenizer = build_tokenizer(corpus_texts(corpus, params.data.format), model.builtin.vocab_size)
             tokenizer.chat_template = template or CHAT_TEMPLATE
             network = build_model(tokenizer, model.builtin)
-            network.save_pretrained(scratch)
-            tokenizer.save_pretrained(scratch)
+            with phase("save"):
+                network.save_pretrained(scratch)
+                tokenizer.save_pretrained(scratch)
             scrub_saved_configs(scratch)
             print(f"built-in base: {sum(p.numel() for p in network.parameters()):,} parameters, vocab {len(tokenizer)}")
 

@@ -21,6 +21,7 @@ from tasks.lib.hashing import file_digest
 from tasks.lib.policies import ADAPTER_DIR, load_model, load_tokenizer, merge_adapter, save_policy, scrub_saved_configs
 from tasks.lib.schema import GuardParams, Params
 from tasks.lib.stage import stage_main
+from tasks.lib.timing import phase
 from tasks.lib.training import (
     REF_COLUMNS,
     dpo_sequence_config,
@@ -184,7 +185,8 @@ def train_round(
 
     with atomic_path(out) as scratch:
         if lora:
-            trainer.save_model(str(scratch / ADAPTER_DIR))
+            with phase("save"):
+                trainer.save_model(str(scratch / ADAPTER_DIR))
             merged = merge_adapter(policy, scratch / ADAPTER_DIR, params.merge.dtype)
         else:
             merged = trainer.model

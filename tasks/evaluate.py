@@ -35,6 +35,7 @@ from tasks.lib.policies import has_cuda, load_model, load_tokenizer
 from tasks.lib.schema import PROJECT_EVAL_TASKS, Params
 from tasks.lib.stage import stage_main
 from tasks.lib.stats import head_to_head, length_summary
+from tasks.lib.timing import phase
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 STDERR_SUFFIX = "_stderr"
@@ -98,15 +99,16 @@ def open_lm(params: Params, model: Path, add_bos_token: bool = False):
     """
     from lm_eval.api.registry import get_model
 
-    return get_model("hf").create_from_arg_obj(
-        {
-            "pretrained": str(model),
-            "dtype": params.model.dtype,
-            "trust_remote_code": params.model.trust_remote_code,
-            "add_bos_token": add_bos_token,
-        },
-        {"batch_size": params.eval.batch_size, "device": "cuda" if has_cuda() else "cpu"},
-    )
+    with phase("load"):
+        return get_model("hf").create_from_arg_obj(
+            {
+                "pretrained": str(model),
+                "dtype": params.model.dtype,
+                "trust_remote_code": params.model.trust_remote_code,
+                "add_bos_token": add_bos_token,
+            },
+            {"batch_size": params.eval.batch_size, "device": "cuda" if has_cuda() else "cpu"},
+        )
 
 
 def greedy_answers(params: Params, generation_samples: list[dict], tokenizer) -> list[dict]:

@@ -19,6 +19,7 @@ from tasks.lib.policies import PROMOTION_FILE, adapter_of, merge_adapter, scrub_
 from tasks.lib.records import hub_source
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
+from tasks.lib.timing import phase
 
 LOGIT_TOLERANCE = 1e-4
 
@@ -117,7 +118,8 @@ def export_final(params: Params, policies: Path, reference_metrics: Path, out: P
 
     policy = policies / params.dpo.final_round
     source = trained_round(policy)
-    tokenizer = AutoTokenizer.from_pretrained(policy)
+    with phase("load"):
+        tokenizer = AutoTokenizer.from_pretrained(policy)
     adapter = adapter_of(policy)
     summary: dict = {"round": source, "merged_adapter": adapter is not None}
     if adapter is not None:
@@ -130,7 +132,8 @@ def export_final(params: Params, policies: Path, reference_metrics: Path, out: P
     else:
         import torch
 
-        model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, params.merge.dtype))
+        with phase("load"):
+            model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, params.merge.dtype))
     data_files = [params.data.sft, params.data.eval_pairs, params.onpolicy.prompts.pool]
     lineage = {
         "base": params.model.base,
@@ -141,7 +144,7 @@ def export_final(params: Params, policies: Path, reference_metrics: Path, out: P
         "rounds": round_decisions(params, policies),
         "params": params.model_dump(mode="json"),
     }
-    with atomic_path(out) as scratch:
+    with atomic_path(out) as scratch, phase("save"):
         model.save_pretrained(scratch, max_shard_size=params.merge.max_shard_size)
         tokenizer.save_pretrained(scratch)
         (scratch / "README.md").write_text(model_card(params, lineage), encoding="utf-8")

@@ -13,6 +13,7 @@ from tasks.lib.hashing import directory_digest
 from tasks.lib.policies import merge_adapter, resolve_base, save_policy, scrub_saved_configs
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
+from tasks.lib.timing import phase
 
 
 def snapshot_sft(params: Params, base: Path, sft: Path, out: Path, metrics: Path) -> dict:
@@ -28,12 +29,13 @@ def snapshot_sft(params: Params, base: Path, sft: Path, out: Path, metrics: Path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(sft)
-    if (sft / "adapter_config.json").exists():
-        name_or_path, _ = resolve_base(base)
-        model = merge_adapter(name_or_path, sft, params.merge.dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(sft, dtype=getattr(torch, params.merge.dtype))
+    with phase("load"):
+        tokenizer = AutoTokenizer.from_pretrained(sft)
+        if (sft / "adapter_config.json").exists():
+            name_or_path, _ = resolve_base(base)
+            model = merge_adapter(name_or_path, sft, params.merge.dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(sft, dtype=getattr(torch, params.merge.dtype))
     with atomic_path(out) as scratch:
         save_policy(model, tokenizer, scratch)
         scrub_saved_configs(scratch)

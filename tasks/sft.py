@@ -18,6 +18,7 @@ from tasks.lib.hashing import file_digest
 from tasks.lib.policies import load_base_tokenizer, load_model, resolve_base, scrub_saved_configs
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
+from tasks.lib.timing import phase
 from tasks.lib.training import logged_history, lora_config, resume_checkpoint, training_arguments
 
 
@@ -93,7 +94,7 @@ def train_sft(
     trainer.train(resume_from_checkpoint=resume)
     evaluation = trainer.evaluate()
     history = logged_history(trainer)
-    with atomic_path(out) as scratch:
+    with atomic_path(out) as scratch, phase("save"):
         trainer.save_model(str(scratch))
         tokenizer.save_pretrained(scratch)
         scrub_saved_configs(scratch)

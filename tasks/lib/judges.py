@@ -23,6 +23,7 @@ from tasks.lib.errors import DataError, SettingError
 from tasks.lib.hashing import directory_digest
 from tasks.lib.policies import has_cuda, load_tokenizer
 from tasks.lib.schema import JudgeParams, Params
+from tasks.lib.timing import phase
 
 
 class Judge(Protocol):
@@ -74,10 +75,11 @@ class RewardModelJudge:
 
         self.settings = settings
         kwargs = {"revision": settings.reward_model_revision, "trust_remote_code": params.model.trust_remote_code}
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.reward_model, **kwargs)
+        with phase("load"):
+            self.tokenizer = AutoTokenizer.from_pretrained(settings.reward_model, **kwargs)
+            self.model = AutoModelForSequenceClassification.from_pretrained(settings.reward_model, **kwargs)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(settings.reward_model, **kwargs)
         # The score is read at the last token that is not padding: the model must know the pad the tokenizer uses.
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to("cuda" if has_cuda() else "cpu").eval()

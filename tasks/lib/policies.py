@@ -16,6 +16,7 @@ from typing import Any
 from tasks.lib.errors import SettingError
 from tasks.lib.files import read_json
 from tasks.lib.schema import BUILTIN, SFT_POLICY, ModelParams
+from tasks.lib.timing import phase
 
 BASE_SOURCE_FILE = "source.json"
 """In a base folder: the hub id or folder to load, when the base is not built locally."""
@@ -132,7 +133,8 @@ def load_model(path: str, model: ModelParams, revision: str | None = None, quant
         kwargs["attn_implementation"] = model.attn_implementation
     if quantize and model.quantization != "none":
         kwargs["quantization_config"] = _quantization_config(model)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with phase("load"):
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def _quantization_config(model: ModelParams):
@@ -157,7 +159,8 @@ def load_tokenizer(path: str, model: ModelParams, revision: str | None = None, c
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
     if revision:
         kwargs["revision"] = revision
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    with phase("load"):
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if model.enable_thinking is not None and isinstance(tokenizer.chat_template, str):
@@ -182,8 +185,9 @@ def with_thinking(template: str, enabled: bool) -> str:
 
 def save_policy(model, tokenizer, out_dir: Path, max_shard_size: str = "5GB") -> None:
     """Save a standalone Hugging Face model folder (safetensors, tokenizer, generation config)."""
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(out_dir)
+    with phase("save"):
+        model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(out_dir)
 
 
 def adapter_of(policy: Path) -> Path | None:
@@ -197,8 +201,9 @@ def merge_adapter(base: str | Path, adapter: Path, dtype: str):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with phase("load"):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
 def scrub_saved_configs(folder: Path) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tasks.lib import timing
 from tasks.lib.errors import BadInput
 from tasks.lib.params import ParamsError, load_params
 from tasks.lib.policies import skip_bitsandbytes_unless_quantized
@@ -95,6 +96,7 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
 
     Bad input exits with status 2 and its message; anything else propagates (a traceback, exit status 1).
     """
+    timed = timing.start()
     arguments = vars(build_parser(work).parse_args(argv))
     try:
         params = load_params(arguments[PARAMS_PARAMETER])
@@ -109,3 +111,5 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
         work(**arguments)
     except BadInput as error:
         exit_bad_input(f"{error.kind}:\n{error}")
+    if timed:
+        timing.write(work.__module__.rsplit(".", 1)[-1] + (f"@{round_name}" if round_name else ""))
