@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3 bench-stages
+.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3 bench-stages bench-sweep sweep
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -109,6 +109,18 @@ bench-generation: $(STAMP)
 # A real pretrained model (llama2.c's stories260K in ../shared/real) through the pipeline with a function judge.
 bench-stories: $(STAMP)
 	$(BIN)/python benchmarks/stories.py
+
+# A grid of params as DVC experiments, e.g. make sweep ARGS='dpo.loss.beta=0.05,0.1,0.5' (several keys: a grid).
+# Each point runs in DVC's own temporary workspace and restores every stage its keys do not change from the cache;
+# then the dashboard is re-rendered so its runs panel compares them (and `dvc exp show` lists them).
+sweep: $(STAMP)
+	@test -n "$(ARGS)" || { echo "usage: make sweep ARGS='dpo.loss.beta=0.05,0.1,0.5'"; exit 2; }
+	$(BIN)/python -m flows.sweep $(ARGS)
+	@$(MAKE) --no-print-directory dashboard
+
+# A 3-point beta sweep of round 1 as DVC experiments vs three plain TRL runs (medians of alternating repeats).
+bench-sweep: $(STAMP)
+	$(BIN)/python benchmarks/sweep.py $(ARGS)
 
 # Where the demo's time goes: per stage, start-up, imports, model load, work, save (clean clone, empty cache).
 bench-stages: $(STAMP)

@@ -63,9 +63,10 @@ def table(wall: float, rows: list[dict]) -> str:
         + " |"
     )
     fixed = totals["startup"] + totals["imports"] + totals["load"]
+    stages = totals["wall"]
     lines.append(
-        f"\n`dvc repro` wall {wall:.1f} s: stage processes {totals['wall']:.1f} s, DVC itself {wall - totals['wall']:.1f} s; "
-        f"fixed cost per stage (start-up + imports + load) {fixed:.1f} s = {fixed / totals['wall']:.0%} of the stages"
+        f"\n`dvc repro` wall {wall:.1f} s: stage processes {stages:.1f} s, DVC itself {wall - stages:.1f} s; "
+        f"fixed cost per stage (start-up + imports + load) {fixed:.1f} s = {fixed / stages:.0%} of the stages"
     )
     return "\n".join(lines)
 

@@ -24,6 +24,8 @@ _OUTCOME_LINES = (  # What `dvc repro` prints for each outcome (dvc/stage/run.py
     (RESTORED, "Stage '{}' is cached - skipping run"),
     (SKIPPED, "Stage '{}' didn't change, skipping"),
 )
+SUMMARY_STAGE = "report"
+"""The stage whose metrics file is the `{model: {metric: value}}` table (eval summary, sweep results)."""
 _EXIT_STATUS = re.compile(r"exited with (-?\d+)")
 ERROR_TAIL_LINES = 25
 
@@ -95,10 +97,11 @@ def stage_environment() -> dict[str, str]:
     return env
 
 
-def run_stage(root: Path, name: str, on_line: Callable[[str], None]) -> StageRun:
-    """Run one stage with `dvc repro --single-item`, passing each output line to `on_line` as it comes."""
+def run_stage(root: Path, name: str, on_line: Callable[[str], None], force: bool = False) -> StageRun:
+    """Run one stage with `dvc repro --single-item` (`--force`: even if nothing changed), passing each output line
+    to `on_line` as it comes."""
     started = time.perf_counter()
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", name]
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), name]
     tail: list[str] = []
     outcome = SKIPPED
     with subprocess.Popen(
@@ -133,7 +136,7 @@ def save_experiment(root: Path, name: str, files: list[str]) -> str:
     include = [argument for path in files if (root / path).exists() for argument in ("--include-untracked", path)]
     command = [sys.executable, "-m", "dvc", "exp", "save", "--name", name, "--force", *include]
     result = subprocess.run(
-        command, cwd=root, env=_with_git_identity(root, stage_environment()), capture_output=True, text=True
+        command, cwd=root, env=with_git_identity(root, stage_environment()), capture_output=True, text=True
     )
     if result.returncode != 0:
         raise RuntimeError(f"dvc exp save failed:\n{result.stdout}{result.stderr}")
@@ -159,7 +162,7 @@ def experiment_commits(root: Path) -> dict[str, str]:
     }
 
 
-def _with_git_identity(root: Path, env: dict[str, str]) -> dict[str, str]:
+def with_git_identity(root: Path, env: dict[str, str]) -> dict[str, str]:
     """Experiment commits need an author; where git has none configured (a CI box), name the flow."""
     for key in ("name", "email"):
         configured = subprocess.run(["git", "config", f"user.{key}"], cwd=root, capture_output=True, text=True)

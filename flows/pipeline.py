@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from prefect.states import Completed
 from flows.dvc_project import (
     RESTORED,
     SKIPPED,
+    SUMMARY_STAGE,
     StageFailed,
     StageGraph,
     StageRun,
@@ -37,14 +39,13 @@ from flows.dvc_project import (
 )
 from flows.params_file import extended_rounds, write_params
 from flows.reports import changed_params, eval_summary_rows, guard_warnings, read_scores, run_report_markdown
+from flows.sweep import point_rows, run_sweep
 from tasks.lib.params import ParamsError, apply_overrides, load_params
 from tasks.lib.schema import Params
 from tasks.lib.stage import BAD_INPUT_EXIT
 
 FLOW_NAME = "sft-dpo"
 PARAMS_FILE = "params.yaml"
-SUMMARY_STAGE = "report"
-"""The stage whose metrics file is the `{model: {metric: value}}` table shown as `eval-summary`."""
 DASHBOARD_STAGE = "dashboard"
 """The stage whose outputs are the eval dashboard page (.html) and its headline (.md)."""
 
@@ -170,6 +171,18 @@ def _record(root: Path, graph: StageGraph) -> tuple[str | None, str]:
     )
 
 
+def _sweep(root: Path, settings: dict[str, list[Any]], logger) -> dict[str, Any]:
+    """Run the grid as DVC experiments, then re-render the dashboard so its runs panel compares them."""
+    rows = point_rows(root, run_sweep(root, settings), settings)
+    create_table_artifact(key="sweep", table=rows, description="Sweep points (DVC experiments) and merged's metrics")
+    graph = read_graph(root)
+    if DASHBOARD_STAGE in graph.order:
+        run_stage(root, DASHBOARD_STAGE, partial(_forward, logger), force=True)
+        publish_dashboard(root, graph)
+    logger.info("sweep: %d points recorded as DVC experiments: %s", len(rows), ", ".join(r["experiment"] for r in rows))
+    return {"sweep": rows}
+
+
 def publish_dashboard(root: Path, graph: StageGraph) -> None:
     """The dashboard page as a link artifact and its headline as a markdown artifact (when dvc.yaml has the stage)."""
     outputs = [root / path for path in graph.outputs.get(DASHBOARD_STAGE, [])]
@@ -192,7 +205,11 @@ def publish_dashboard(root: Path, graph: StageGraph) -> None:
 
 @flow(name=FLOW_NAME, persist_result=False)
 def sft_dpo(
-    overrides: dict[str, Any] | None = None, rounds: int | None = None, next_round: bool = False, project: str = "."
+    overrides: dict[str, Any] | None = None,
+    rounds: int | None = None,
+    next_round: bool = False,
+    project: str = ".",
+    sweep: dict[str, list[Any]] | None = None,
 ):
     """Run the SFT → DPO pipeline of dvc.yaml stage by stage.
 
@@ -202,10 +219,16 @@ def sft_dpo(
         next_round: append the next round to params.yaml's rounds (kept once the run succeeds) and run its
             chain: prompts, generate, judge, pairs, reference log-probs, dpo, eval, gate, lineage.
         project: the project folder (holding dvc.yaml and params.yaml).
+        sweep: a grid of params keys to values, e.g. `{"dpo.loss.beta": [0.05, 0.1, 0.5]}`: each point runs as a
+            DVC experiment sharing every output its keys do not change (flows/sweep.py); runs on its own.
     """
     started = time.perf_counter()
     logger = get_run_logger()
     root = Path(project).resolve()
+    if sweep:
+        if overrides or rounds or next_round:
+            raise ParamsError("sweep: runs on its own; give the other keys as sweep axes with one value")
+        return _sweep(root, sweep, logger)
     params_path = root / PARAMS_FILE
     original = yaml.safe_load(params_path.read_text(encoding="utf-8"))
     plan = plan_run(params_path, overrides or {}, rounds, next_round)

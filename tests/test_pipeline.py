@@ -239,3 +239,16 @@ def test_a_round_written_without_reference_parses_and_uses_the_sft_snapshot(proj
     edit_params(project_copy, lambda params: params["dpo"]["rounds"]["r2"].pop("reference"))
     stale = stale_stages(project_copy)  # dvc.yaml interpolates no `reference`: it parses
     assert "reference_logps@r2" in stale and not stale & {"base", "sft", "dpo@r1", "reference_logps@r1"}
+
+
+def test_an_experiment_on_a_dpo_key_reuses_everything_upstream_of_dpo(project_copy):
+    """`dvc exp run` runs in DVC's temporary workspace, where only cached outputs exist: every stage must be
+    restorable (no persistent checkpoint outputs, metrics cached), or a sweep would re-run SFT for each point."""
+    log = dvc(project_copy, "exp", "run", "--temp", "--name", "beta-0.3", "--set-param", "dpo.loss.beta=0.3", "dpo@r1")
+    log = log.stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", log))
+    assert ran == {"check_params", "dpo@r1"}, log[-3000:]
+    shown = json.loads(dvc(project_copy, "exp", "show", "--json").stdout)
+    experiment = next(rev for commit in shown for e in commit.get("experiments") or [] for rev in e["revs"])
+    assert experiment["name"] == "beta-0.3"
+    assert experiment["data"]["metrics"]["metrics/dpo_r1.json"]["data"]["steps"] > 0
