@@ -11,7 +11,8 @@ from conftest import commit_all, dvc, make_shell_project
 from flows.sweep import check_points, grid, parse_settings
 from tasks.lib.params import ParamsError
 
-# `up` reads no swept key, `report` (the summary stage, as in dvc.yaml) reads dpo.loss.beta; each appends to a file outside the project when it runs.
+# `up` reads no swept key, `report` (the summary stage, as in dvc.yaml) reads dpo.loss.beta; each appends to a
+# file outside the project when it runs.
 SWEEP_DAG = r"""
 stages:
   up:
