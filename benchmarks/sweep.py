@@ -2,9 +2,10 @@
 
 One clean clone is reproduced up to round 1's pairs (the demo's SFT policy and 160-odd on-policy pairs) and
 committed. Then, alternating, `--repeats` times each:
-- pipeline: `dvc exp run --queue -S dpo.loss.beta=B1,B2,B3 dpo@r1` and `dvc exp run --run-all` (each point in its
-  own temporary workspace; `reference_logps@r1` runs once and the other points restore it from DVC's run-cache;
-  the run-cache is emptied before each repeat so every repeat computes it once);
+- pipeline: `python -m flows.sweep dpo.loss.beta=B1,B2,B3 --target dpo@r1` (`make sweep`'s command, limited to
+  round 1's training: each point a `dvc exp run --temp` in DVC's own temporary workspace; `reference_logps@r1` runs
+  once and the other points restore it from DVC's run-cache, emptied before each repeat so every repeat computes
+  it once);
 - plain: `benchmarks/plain_trl_round.py` once per beta (DPOTrainer + LoRA, reference = adapter disabled, merge,
   save), what a user would write instead.
 Prints each arm's wall per repeat, the medians and their ratio.
@@ -48,12 +49,10 @@ def prepared_project(scratch: Path) -> Path:
 
 def pipeline_arm(project: Path, betas: str, cache: Path) -> float:
     shutil.rmtree(cache / "runs", ignore_errors=True)  # each repeat computes the reference log-probs once
-    dvc = [sys.executable, "-m", "dvc"]
     started = time.perf_counter()
-    run([*dvc, "exp", "run", "--queue", "--set-param", f"dpo.loss.beta={betas}", "dpo@r1"], project)
-    run([*dvc, "exp", "run", "--run-all", "--jobs", "1"], project)
+    run([sys.executable, "-m", "flows.sweep", f"dpo.loss.beta={betas}", "--target", "dpo@r1"], project)
     wall = time.perf_counter() - started
-    run([*dvc, "exp", "remove", "--all-commits", "--queue"], project)
+    run([sys.executable, "-m", "dvc", "exp", "remove", "--all-commits"], project)
     return wall
 
 

@@ -1,8 +1,8 @@
 """Sweeps: a grid over params keys, each point one DVC experiment sharing every output its params do not change.
 
-DVC does the work: `dvc exp run --queue --set-param key=v1,v2` queues the grid's points, `dvc exp run --run-all`
-runs each in its own temporary workspace (the user's working tree is never written), and a stage whose
-dependencies and params a point does not change is restored from the DVC cache instead of re-run (data, SFT, the
+DVC does the work: each point is one `dvc exp run --temp --set-param key=value ...`, run in DVC's own temporary
+workspace (the user's working tree is never written), one after another, and a stage whose dependencies and params
+a point does not change is restored from the DVC cache instead of re-run (data, SFT, the
 reference, its log-probs, round 1's samples for a key only DPO reads). Results land in `dvc exp show` and on the
 eval dashboard's runs panel.
 
@@ -41,13 +41,13 @@ def parse_settings(arguments: list[str]) -> dict[str, list[Any]]:
 
 
 def grid(settings: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the settings' values (the points DVC will queue), in order."""
+    """Every combination of the settings' values (the points run as experiments), in order."""
     keys = list(settings)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*settings.values())]
 
 
 def check_points(root: Path, settings: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Validate every point with the params schema before anything is queued; ParamsError names the bad one."""
+    """Validate every point with the params schema before anything runs; ParamsError names the bad one."""
     if not settings or any(not values for values in settings.values()):
         raise ParamsError("sweep: give at least one key with at least one value")
     points = grid(settings)
@@ -59,13 +59,13 @@ def check_points(root: Path, settings: dict[str, list[Any]]) -> list[dict[str, A
     return points
 
 
-def _set_param(raw: dict, key: str, values: list[Any]) -> str:
-    """DVC's `--set-param` for a grid axis; `+` adds a key params.yaml leaves to the schema's default."""
+def _set_param(raw: dict, key: str, value: Any) -> str:
+    """DVC's `--set-param` for one key; `+` adds a key params.yaml leaves to the schema's default."""
     node: Any = raw
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     prefix = "" if node is not None else "+"
-    return f"{prefix}{key}={','.join(json.dumps(value) if isinstance(value, str) else str(value) for value in values)}"
+    return f"{prefix}{key}={json.dumps(value)}"
 
 
 def _dvc(root: Path, *arguments: str) -> subprocess.CompletedProcess:
@@ -78,20 +78,22 @@ def _dvc(root: Path, *arguments: str) -> subprocess.CompletedProcess:
     return result
 
 
-def run_sweep(root: Path, settings: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Queue the grid as DVC experiments, run them one after another, return each point's experiment and metrics."""
+def run_sweep(root: Path, settings: dict[str, list[Any]], targets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Run each point of the grid as a DVC experiment (one after another); return its experiment and metrics.
+
+    `targets`: the stages to reproduce (and what they depend on); none: the whole pipeline.
+    """
     points = check_points(root, settings)
     raw = yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8"))
     before = set(_experiment_results(root))
-    arguments = [
-        argument for key, values in settings.items() for argument in ("--set-param", _set_param(raw, key, values))
-    ]
-    _dvc(root, "exp", "run", "--queue", *arguments)
-    log = _dvc(root, "exp", "run", "--run-all", "--jobs", "1").stdout
+    for point in points:
+        settings_given = [
+            argument for key, value in point.items() for argument in ("--set-param", _set_param(raw, key, value))
+        ]
+        _dvc(root, "exp", "run", "--temp", *settings_given, *targets)
     results = {name: row for name, row in _experiment_results(root).items() if name not in before}
-    failed = [line for line in log.splitlines() if line.startswith("Failed to reproduce experiment")]
-    if failed or len(results) != len(points):
-        raise RuntimeError(f"sweep: {len(results)} of {len(points)} points recorded\n" + "\n".join(failed))
+    if len(results) != len(points):
+        raise RuntimeError(f"sweep: {len(points)} points ran but {len(results)} experiments were recorded")
     return [{"experiment": name, **row} for name, row in results.items()]
 
 
@@ -131,11 +133,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("settings", nargs="+", metavar="KEY=V1,V2", help="a params key and the values to try")
     parser.add_argument("--project", type=Path, default=Path("."))
+    parser.add_argument("--target", action="append", default=[], help="a stage to reproduce (default: all)")
     args = parser.parse_args()
     root = args.project.resolve()
     try:
         settings = parse_settings(args.settings)
-        rows = point_rows(root, run_sweep(root, settings), settings)
+        rows = point_rows(root, run_sweep(root, settings, tuple(args.target)), settings)
     except ParamsError as error:
         sys.exit(f"invalid sweep:\n{error}")
     for row in rows:
