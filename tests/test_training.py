@@ -4,6 +4,7 @@ local store), each pointed where `tracking` says; a tracker that is not installe
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ def private_environment(monkeypatch, tmp_path):
     """The trackers' environment variables set by the code under test stay in this test."""
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "MLFLOW"))})
     monkeypatch.chdir(tmp_path)
+    # A stage run in this process before (tests/test_determinism.py) hid the trackers it did not use.
+    for package in ("wandb", "mlflow"):
+        if package in sys.modules and sys.modules[package] is None:
+            monkeypatch.delitem(sys.modules, package)
 
 
 def test_one_training_run_logs_to_tensorboard_wandb_offline_and_mlflow(tmp_path, private_environment):

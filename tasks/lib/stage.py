@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 from tasks.lib import timing
 from tasks.lib.errors import BadInput
 from tasks.lib.params import ParamsError, load_params
-from tasks.lib.policies import skip_bitsandbytes_unless_quantized
+from tasks.lib.policies import skip_bitsandbytes_unless_quantized, skip_unused_trackers
 
 BAD_INPUT_EXIT = 2
 """Exit status of a stage refused its input (params, data, arguments): retrying cannot help."""
@@ -104,6 +104,7 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
         exit_bad_input(f"invalid params:\n{error}")
     arguments[PARAMS_PARAMETER] = params
     skip_bitsandbytes_unless_quantized(params.model)
+    skip_unused_trackers(params.tracking.report_to)
     round_name = arguments.get(ROUND_PARAMETER)
     if round_name is not None and round_name not in params.dpo.rounds:
         exit_bad_input(f"--round {round_name}: not a key of dpo.rounds ({', '.join(params.dpo.rounds)})")
