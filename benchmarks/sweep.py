@@ -1,4 +1,7 @@
-"""Benchmark: a 3-point beta sweep of round 1 as DVC experiments vs three plain TRL runs of the same round.
+"""Benchmark: one DPO round, and a 3-point beta sweep of it, as the pipeline runs them vs plain TRL runs.
+
+Single round (whole-process figures): `reference_logps@r1` + `dpo@r1`, each its own process as DVC resolves it
+from dvc.yaml (no DVC around them), vs one `benchmarks/plain_trl_round.py` run.
 
 One clean clone is reproduced up to round 1's pairs (the demo's SFT policy and 160-odd on-policy pairs) and
 committed. Then, alternating, `--repeats` times each:
@@ -65,6 +68,35 @@ def plain_arm(project: Path, betas: str, scratch: Path) -> float:
     return time.perf_counter() - started
 
 
+def stage_commands(project: Path, names: tuple[str, ...]) -> list[list[str]]:
+    """The commands DVC resolved for these stages (dvc.lock), to run as their own processes."""
+    import shlex
+
+    import yaml
+
+    stages = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return [[sys.executable, *shlex.split(stages[name]["cmd"])[1:]] for name in names]
+
+
+def round_arms(project: Path, scratch: Path, repeats: int) -> dict[str, list[float]]:
+    """One round: the pipeline's two stage processes vs one plain TRL run (default beta), alternating."""
+    import yaml
+
+    run([sys.executable, "-m", "dvc", "repro", "dpo@r1"], project)  # the stages' inputs and dvc.lock entries
+    commands = stage_commands(project, ("reference_logps@r1", "dpo@r1"))
+    beta = str(yaml.safe_load((project / "params.yaml").read_text())["dpo"]["loss"]["beta"])
+    walls: dict[str, list[float]] = {"pipeline": [], "plain": []}
+    for repeat in range(repeats):
+        for arm in ("pipeline", "plain") if repeat % 2 == 0 else ("plain", "pipeline"):
+            if arm == "pipeline":
+                wall = sum(run(command, project) for command in commands)
+            else:
+                wall = plain_arm(project, beta, scratch)
+            walls[arm].append(wall)
+            print(f"round, repeat {repeat + 1}: {arm} {wall:.1f} s", flush=True)
+    return walls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -74,6 +106,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sftdpo-bench-sweep-") as scratch:
         scratch = Path(scratch)
         project = prepared_project(scratch)
+        round_walls = round_arms(project, scratch, args.repeats)
+        run(["git", "checkout", "--", "."], project)  # the sweep starts from the committed round-1 pairs
         for repeat in range(args.repeats):
             arms = ("pipeline", "plain") if repeat % 2 == 0 else ("plain", "pipeline")
             for arm in arms:
@@ -84,6 +118,11 @@ def main() -> None:
                 )
                 walls[arm].append(wall)
                 print(f"repeat {repeat + 1}: {arm} {wall:.1f} s", flush=True)
+    one_round, plain_round = statistics.median(round_walls["pipeline"]), statistics.median(round_walls["plain"])
+    print(
+        f"\none round, medians of {args.repeats}: pipeline (reference_logps@r1 + dpo@r1 processes) {one_round:.1f} s, "
+    )
+    print(f"plain TRL script {plain_round:.1f} s: the pipeline takes {one_round / plain_round:.2f}x the plain time")
     pipeline, plain = statistics.median(walls["pipeline"]), statistics.median(walls["plain"])
     print(f"\n{len(args.betas.split(','))}-point beta sweep of round 1 ({args.betas}), medians of {args.repeats}:")
     print(f"pipeline (DVC experiments, reference log-probs once) {pipeline:.1f} s")
