@@ -107,7 +107,9 @@ def main() -> None:
         scratch = Path(scratch)
         project = prepared_project(scratch)
         round_walls = round_arms(project, scratch, args.repeats)
-        run(["git", "checkout", "--", "."], project)  # the sweep starts from the committed round-1 pairs
+        # The sweep starts from the committed round-1 pairs: DVC stages dvc.lock as it writes it (core.autostage),
+        # so the index is reset too, or the experiments would find the round's reference log-probs and training done.
+        run(["git", "reset", "-q", "--hard"], project)
         for repeat in range(args.repeats):
             arms = ("pipeline", "plain") if repeat % 2 == 0 else ("plain", "pipeline")
             for arm in arms:
