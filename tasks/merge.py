@@ -135,12 +135,13 @@ def export_final(params: Params, policies: Path, reference_metrics: Path, out: P
         with phase("load"):
             model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, params.merge.dtype))
     data_files = [params.data.sft, params.data.eval_pairs, params.onpolicy.prompts.pool]
+    hubs = {name: hub_source(name) for name in data_files}
     lineage = {
         "base": params.model.base,
         "source": source,
         "reference_sha256": read_json(reference_metrics)["sha256"],
         "data": {name: source_digest(name) for name in data_files},
-        "hub_datasets": {name: hub_source(name) for name in data_files if hub_source(name) is not None},
+        "hub_datasets": {name: source for name, source in hubs.items() if source is not None},
         "rounds": round_decisions(params, policies),
         "params": params.model_dump(mode="json"),
     }

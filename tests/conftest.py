@@ -35,6 +35,26 @@ COPIED = (
     "prefect.toml",
 )
 MICRO = Path(__file__).with_name("micro.yaml")
+REAL = Path(os.environ.get("SFT_DPO_REAL_ARTIFACTS", ROOT.parent / "shared" / "real"))
+"""Real third-party tokenizers, models and datasets (../shared/real); CI sets the variable and requires the folder."""
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": "Hello there!"},
+    {"role": "user", "content": "Add 2 and 2."},
+    {"role": "assistant", "content": "The answer is 4."},
+]
+"""A two-turn conversation with a system message, for the chat-template tests."""
+
+
+def real_artifact(relative: str) -> Path:
+    """A folder of the real artifacts, or skip the test saying where they were looked for."""
+    folder = REAL / relative
+    if not folder.is_dir():
+        pytest.skip(f"no real artifacts at {REAL} (set SFT_DPO_REAL_ARTIFACTS)")
+    return folder
+
+
 MICRO_POOL = 64
 """Prompts in the micro pool (the built-in pool's first lines): two rounds use it up, a third reuses it."""
 

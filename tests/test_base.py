@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from conftest import CONVERSATION, real_artifact
 
 from tasks.lib.errors import SettingError
 from tasks.lib.params import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("SFT_DPO_REAL_ARTIFACTS", ROOT.parent / "shared" / "real"))
 TEMPLATE = "chat_templates/chatml_generation.jinja"
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Say hi."},
-    {"role": "assistant", "content": "Hello there!"},
-    {"role": "user", "content": "Add 2 and 2."},
-    {"role": "assistant", "content": "The answer is 4."},
-]
 
 
 def test_a_template_outside_the_tracked_folder_is_refused_by_params():
@@ -46,9 +38,7 @@ def test_a_model_without_a_template_gets_the_replacement_in_every_stage(tmp_path
     from tasks.lib.chat import sft_loss_mask
     from tasks.lib.policies import load_base_tokenizer
 
-    folder = REAL / "models/stories260K"
-    if not folder.is_dir():
-        pytest.skip(f"no real artifacts at {REAL} (set SFT_DPO_REAL_ARTIFACTS)")
+    folder = real_artifact("models/stories260K")
     monkeypatch.chdir(ROOT)
     params = load_params(ROOT / "params.yaml", {"model.base": str(folder), "model.chat_template": TEMPLATE})
     build_base(params, ROOT / "data/builtin/sft.jsonl", tmp_path / "base")

@@ -4,10 +4,10 @@ kind read, every bad row named, LLaMA-Factory's real demo files converted withou
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from conftest import REAL
 
 from tasks.lib.errors import DataError
 from tasks.lib.formats import FormatProblem, detect, to_trl
@@ -16,7 +16,6 @@ from tasks.lib.records import read_records
 from tasks.prepare import prepare, sample
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("SFT_DPO_REAL_ARTIFACTS", ROOT.parent / "shared" / "real"))
 LLAMAFACTORY = REAL / "data" / "llamafactory"
 
 SHAREGPT_PAIR = {

@@ -5,25 +5,20 @@ model. Slow (a second pipeline beside the micro one): `make test-slow`, which CI
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, commit_all, dvc, make_project, micro
+from conftest import ROOT, commit_all, dvc, make_project, micro, real_artifact
 
 pytestmark = pytest.mark.slow
-REAL = Path(os.environ.get("SFT_DPO_REAL_ARTIFACTS", ROOT.parent / "shared" / "real"))
 
 
 def tiny_qwen3(folder: Path) -> Path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from qwen3_template import tiny_qwen3 as build
 
-    tokenizer = REAL / "tokenizers" / "qwen3"
-    if not tokenizer.is_dir():
-        pytest.skip(f"no real artifacts at {REAL} (set SFT_DPO_REAL_ARTIFACTS)")
-    build(tokenizer, folder)
+    build(real_artifact("tokenizers/qwen3"), folder)
     return folder
 
 

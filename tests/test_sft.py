@@ -3,23 +3,15 @@ a template with no generation markers (last assistant turn), and stories260K's p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from conftest import CONVERSATION, real_artifact
 
 from tasks.lib.params import load_params
 from tasks.sft import sft_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("SFT_DPO_REAL_ARTIFACTS", ROOT.parent / "shared" / "real"))
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Say hi."},
-    {"role": "assistant", "content": "Hello there!"},
-    {"role": "user", "content": "Add 2 and 2."},
-    {"role": "assistant", "content": "The answer is 4."},
-]
 # A Mistral-like template: no {% generation %} markers and none TRL knows how to patch.
 MARKERLESS_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}{% if m['role'] == 'assistant' %}"
@@ -49,9 +41,7 @@ def tokenizer_named(name: str, builtin_base: Path):
     from transformers import AutoTokenizer
 
     if name in ("qwen3", "qwen3-nothink", "stories260K", *ON_STORIES_TOKENIZER):
-        folder = REAL / ("tokenizers/qwen3" if name.startswith("qwen3") else "models/stories260K")
-        if not folder.is_dir():
-            pytest.skip(f"no real artifacts at {REAL} (set SFT_DPO_REAL_ARTIFACTS)")
+        folder = real_artifact("tokenizers/qwen3" if name.startswith("qwen3") else "models/stories260K")
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if name == "qwen3-nothink":  # model.enable_thinking: false, as load_tokenizer applies it
             from tasks.lib.policies import with_thinking
@@ -129,9 +119,7 @@ def test_thinking_off_puts_the_empty_think_block_in_the_prompt_not_in_what_sft_l
     from tasks.lib.policies import load_tokenizer
 
     off = params_with(ROOT / "params.yaml", {"model.enable_thinking": False}).model
-    if not (REAL / "tokenizers/qwen3").is_dir():
-        pytest.skip(f"no real artifacts at {REAL} (set SFT_DPO_REAL_ARTIFACTS)")
-    tokenizer = load_tokenizer(str(REAL / "tokenizers/qwen3"), off)
+    tokenizer = load_tokenizer(str(real_artifact("tokenizers/qwen3")), off)
     prompt = tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     tokenizer, example, _ = first_example("qwen3-nothink", [{"messages": CONVERSATION}], builtin_base, tmp_path)
