@@ -1,12 +1,13 @@
 """Benchmark: where the demo's time goes, stage by stage.
 
-Runs the committed pipeline (`dvc repro`) in a clean clone with an empty DVC cache, each stage process recording
+Runs the committed pipeline (`make demo`'s `python -m tasks.lib.warm -- dvc repro`: stages start warm; `--cold`:
+plain `dvc repro`) in a clean clone with an empty DVC cache, each stage process recording
 its wall time split into start-up (interpreter and the stage module's own imports), imports (libraries imported
 while the stage runs: torch, transformers, TRL, ...), load (models and tokenizers), work and save
 (`tasks/lib/timing.py`, switched on by `SFT_DPO_STAGE_TIMES`). Prints one row per stage, the totals, and DVC's own
 share (the `dvc repro` wall minus the stage processes).
 
-    .venv/bin/python benchmarks/stages.py [--runs 1]
+    .venv/bin/python benchmarks/stages.py [--runs 1] [--cold]
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from onpolicy import clone, environment  # noqa: E402  (the clean-clone helpers)
 PHASES = ("startup", "imports", "load", "work", "save")
 
 
-def timed_repro(project: Path, times: Path) -> tuple[float, list[str]]:
+def timed_repro(project: Path, times: Path, cold: bool) -> tuple[float, list[str]]:
+    repro = [sys.executable, "-m", "dvc", "repro"]
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro"],
+        repro if cold else [sys.executable, "-m", "tasks.lib.warm", "--", *repro],
         cwd=project,
         env={**environment(project), "SFT_DPO_STAGE_TIMES": str(times)},
         capture_output=True,
@@ -42,10 +44,10 @@ def timed_repro(project: Path, times: Path) -> tuple[float, list[str]]:
     return wall, re.findall(r"Running stage '([^']+)'", result.stdout)
 
 
-def one_run(scratch: Path) -> tuple[float, list[dict]]:
+def one_run(scratch: Path, cold: bool) -> tuple[float, list[dict]]:
     project = clone(scratch / "project", scratch / "cache")
     times = scratch / "times.jsonl"
-    wall, stages = timed_repro(project, times)
+    wall, stages = timed_repro(project, times, cold)
     records = [json.loads(line) for line in times.read_text().splitlines()]
     if len(records) != len(stages):
         sys.exit(f"{len(stages)} stages ran but {len(records)} recorded their times")
@@ -74,11 +76,12 @@ def table(wall: float, rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1, help="runs from scratch; the table shows each stage's median")
+    parser.add_argument("--cold", action="store_true", help="plain `dvc repro`: every stage imports its libraries")
     args = parser.parse_args()
     walls, runs = [], []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="sftdpo-bench-stages-") as scratch:
-            wall, rows = one_run(Path(scratch))
+            wall, rows = one_run(Path(scratch), args.cold)
         walls.append(wall)
         runs.append(rows)
     medians = [

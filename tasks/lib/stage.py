@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 import sys
 import typing
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tasks.lib import timing
+from tasks.lib import timing, warm
 from tasks.lib.errors import BadInput
 from tasks.lib.params import ParamsError, load_params
 from tasks.lib.policies import skip_bitsandbytes_unless_quantized, skip_unused_trackers
@@ -91,6 +92,15 @@ def build_parser(work: Callable[..., Any]) -> argparse.ArgumentParser:
     return parser
 
 
+def _hand_off_if_warm(params) -> None:
+    """Under `python -m tasks.lib.warm`, run this stage in a child of the warm server (returns only if not)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None or not os.environ.get(warm.WARM_ENV):
+        return  # run as a file path, or no server: the stage runs here
+    needs_kept_out = params.model.quantization != "none" or bool({"wandb", "mlflow"} & set(params.tracking.report_to))
+    warm.hand_off(spec.name, needs_kept_out)
+
+
 def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> None:
     """Parse the command line `work`'s signature describes, validate params.yaml, call `work`.
 
@@ -103,6 +113,7 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
     except ParamsError as error:
         exit_bad_input(f"invalid params:\n{error}")
     arguments[PARAMS_PARAMETER] = params
+    _hand_off_if_warm(params)
     skip_bitsandbytes_unless_quantized(params.model)
     skip_unused_trackers(params.tracking.report_to)
     round_name = arguments.get(ROUND_PARAMETER)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 TIMES_ENV = "SFT_DPO_STAGE_TIMES"
 """A JSON-lines file each stage process appends its phase times to."""
+STARTED_ENV = "SFT_DPO_STAGE_STARTED"
+"""When a stage process that handed its work to a warm child (tasks/lib/warm.py) started (epoch seconds)."""
 PHASES = ("startup", "imports", "load", "work", "save")
 
 _stack = ["work"]
@@ -53,7 +55,7 @@ def _timing_import(original):
     return timed_import
 
 
-def _seconds_since_process_start() -> float | None:
+def seconds_since_process_start() -> float | None:
     """Wall seconds since this process started (Linux: from /proc), or None elsewhere."""
     try:
         start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
@@ -68,8 +70,10 @@ def start() -> bool:
     global _mark
     if not os.environ.get(TIMES_ENV):
         return False
-    before = _seconds_since_process_start()
-    _totals["startup"] = before if before is not None else 0.0
+    if STARTED_ENV in os.environ:  # a warm child: start-up ran from the stage process's start to now
+        _totals["startup"] = time.time() - float(os.environ[STARTED_ENV])
+    else:
+        _totals["startup"] = seconds_since_process_start() or 0.0
     _mark = time.perf_counter()
     builtins.__import__ = _timing_import(builtins.__import__)
     return True

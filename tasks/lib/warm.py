@@ -1,0 +1,285 @@
+"""Warm stage processes: each stage starts as a fork of a server that has already imported the ML libraries.
+
+Importing torch, transformers, TRL, peft, datasets and lm-eval takes 3-5 s, and every heavy stage is its own
+process (that is how DVC runs a stage): on the demo that is two thirds of the stages' wall time. Run the
+pipeline under this module instead,
+
+    python -m tasks.lib.warm -- dvc repro
+
+and it starts a server that imports those libraries once, then runs the command with `SFT_DPO_WARM` naming the
+server's socket. A stage command started under it (`stage_main`) hands its arguments, working directory,
+environment and standard streams to the server, which forks a child that runs the stage module afresh
+(`runpy`, the project's own code imported in the child, so edits always count) and reports its exit status;
+the stage process waits and exits with it. DVC, Prefect and the stage's outputs see an ordinary process.
+
+Only libraries are preloaded, never the project's modules, and nothing runs in the server (no thread pool
+started before a fork). A stage runs in its own process anyway, unwarmed, when no server answers, when the
+server runs another Python, when its environment differs in a variable other than DVC's and Prefect's own
+(libraries read theirs at import), or when it needs a library the server keeps out (bitsandbytes for
+quantization, W&B and MLflow trackers): it says which on stderr. If the stage process dies (kill -9 included),
+the server sees its socket close and kills the child's process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WARM_ENV = "SFT_DPO_WARM"
+"""The warm server's socket path; set by `python -m tasks.lib.warm -- COMMAND` for COMMAND's processes."""
+PRELOAD = (
+    "torch",
+    "transformers",
+    "transformers.modeling_utils",
+    "transformers.generation",
+    "peft",
+    "datasets",
+    "trl",
+    "trl.trainer.dpo_trainer",
+    "trl.trainer.sft_trainer",
+    "lm_eval",
+    "lm_eval.evaluator",
+    "lm_eval.models.huggingface",
+    "lm_eval.tasks",
+    "torch.utils.tensorboard",
+)
+KEPT_OUT = ("bitsandbytes", "wandb", "mlflow")
+"""Imported by peft/TRL whenever installed; kept out as a stage with default settings keeps them out (policies)."""
+IMPORT_TIME_ENV_PREFIXES = (
+    "HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "CUDA", "NCCL", "OMP_", "MKL_", "KMP_", "OPENBLAS",
+    "TOKENIZERS", "DATASETS", "PYTHON", "LM_EVAL", "ACCELERATE", "TRITON", "PEFT", "TRL_", "BNB", "WANDB", "MLFLOW",
+    "ARROW", "XDG_", "TMPDIR", "HOME", "LD_", "VIRTUAL_ENV",
+)  # fmt: skip
+"""Variables the preloaded libraries (may) read when imported: a stage whose values differ runs unwarmed."""
+MAX_MESSAGE = 1 << 20
+
+
+_STARTUP_ENV: dict[str, str] = {}
+"""The server's environment before the preload (libraries add variables when imported)."""
+
+
+def _significant_env(env: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_ENV_PREFIXES)}
+
+
+def _refusal(request: dict) -> str | None:
+    """Why this server cannot run the request as a fresh process would, or None."""
+    if request["executable"] != sys.executable:
+        return f"the server runs {sys.executable}, this stage {request['executable']}"
+    ours, theirs = _significant_env(_STARTUP_ENV), _significant_env(request["env"])
+    differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differing:
+        return f"environment differs from the server's in {', '.join(differing[:5])}"
+    return None
+
+
+def _send(connection: socket.socket, message: dict) -> None:
+    connection.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _text_stream(fd: int, mode: str):
+    """A standard stream on a received descriptor, buffered as Python buffers a fresh process's."""
+    buffering = 1 if mode == "w" and (fd == 2 or os.isatty(fd)) else -1
+    return open(fd, mode, buffering=buffering, encoding="utf-8", errors="backslashreplace", closefd=False)
+
+
+def _run_child(request: dict, fds: list[int]) -> None:
+    """In the forked child: become the stage process the request describes and run it; exits like one."""
+    import atexit
+    import random
+    import runpy
+    import traceback
+
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdin, sys.stdout, sys.stderr = _text_stream(0, "r"), _text_stream(1, "w"), _text_stream(2, "w")
+    os.chdir(request["cwd"])
+    added_by_imports = {key: value for key, value in os.environ.items() if key not in _STARTUP_ENV}
+    os.environ.clear()
+    os.environ.update({**added_by_imports, **request["env"]})
+    os.environ.pop(WARM_ENV, None)
+    sys.argv = request["argv"]
+    sys.path[:] = request["path"]
+    random.seed()  # a fresh process draws its own seed; a fork would share the server's
+    status = 0
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        status = _exit_status(stop.code)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    # What a fresh interpreter does at exit, short of tearing down thousands of preloaded modules (a second).
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
+
+
+def _exit_status(code) -> int:
+    """The status `sys.exit(code)` gives a process (a message is printed to stderr, status 1)."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
+    fds = array.array("i")
+    data, ancillary, _, _ = connection.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(3 * fds.itemsize))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    while data and not data.endswith(b"\n"):
+        data += connection.recv(MAX_MESSAGE)
+    return json.loads(data.decode()), list(fds)
+
+
+def serve(path: Path) -> None:
+    """Import the libraries, then fork a child per stage request until SIGTERM."""
+    _STARTUP_ENV.update(os.environ)
+    for package in KEPT_OUT:
+        sys.modules.setdefault(package, None)  # type: ignore[arg-type]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(64)  # stages that connect during the preload wait for it instead of importing alone
+    import importlib
+
+    for module in PRELOAD:
+        importlib.import_module(module)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    children: dict[int, socket.socket] = {}
+    while True:
+        for key, _ in selector.select(timeout=0.05):
+            if key.fileobj is listener:
+                connection, _ = listener.accept()
+                pid = _start(connection, listener, selector)
+                if pid is not None:
+                    children[pid] = connection
+                    selector.register(connection, selectors.EVENT_READ, pid)
+            elif not key.fileobj.recv(1):  # the stage process is gone: its child must not outlive it
+                _kill_group(key.data)
+        _reap(children, selector)
+
+
+def _start(connection: socket.socket, listener: socket.socket, selector) -> int | None:
+    request, fds = _receive(connection)
+    reason = _refusal(request) if len(fds) == 3 else "the standard streams did not arrive"
+    if reason:
+        _send(connection, {"refused": reason})
+        connection.close()
+        for fd in fds:
+            os.close(fd)
+        return None
+    pid = os.fork()
+    if pid == 0:
+        selector.close()
+        listener.close()
+        connection.close()
+        _run_child(request, fds)
+    for fd in fds:
+        os.close(fd)
+    _send(connection, {"pid": pid})
+    return pid
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it exited meanwhile: reaped below
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _reap(children: dict[int, socket.socket], selector) -> None:
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            return
+        connection = children.pop(pid)
+        selector.unregister(connection)
+        with contextlib.suppress(OSError):  # the stage process died first: nobody is left to tell
+            _send(connection, {"exit": os.waitstatus_to_exitcode(status)})
+        connection.close()
+
+
+def hand_off(module: str, needs_kept_out: bool) -> None:
+    """Run this stage process's work in a warm child and exit with its status; return if it runs here instead."""
+    path = os.environ.get(WARM_ENV)
+    if not path:
+        return
+    if needs_kept_out:
+        print(f"{WARM_ENV}: this stage needs one of {', '.join(KEPT_OUT)}; running unwarmed", file=sys.stderr)
+        return
+    from tasks.lib.timing import STARTED_ENV, seconds_since_process_start
+
+    request = {
+        "module": module,
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "env": {**os.environ, STARTED_ENV: str(time.time() - (seconds_since_process_start() or 0.0))},
+        "path": sys.path,
+        "executable": sys.executable,
+    }
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(path)
+        socket.send_fds(connection, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+    except OSError as error:
+        print(f"{WARM_ENV}={path}: no warm server answers ({error}); running unwarmed", file=sys.stderr)
+        return
+    replies = connection.makefile("r")
+    first = json.loads(replies.readline() or "{}")
+    if "refused" in first:
+        print(f"{WARM_ENV}: {first['refused']}; running unwarmed", file=sys.stderr)
+        return
+    for handled in (signal.SIGINT, signal.SIGTERM):  # closing the socket makes the server kill the child
+        signal.signal(handled, lambda number, _: os._exit(128 + number))
+    last = json.loads(replies.readline() or '{"exit": 1}')
+    os._exit(last["exit"] if last["exit"] >= 0 else 128 - last["exit"])
+
+
+def run_warm(command: list[str]) -> int:
+    """Start a warm server, run `command` with `SFT_DPO_WARM` naming it, stop the server; `command`'s status."""
+    with tempfile.TemporaryDirectory(prefix="sftdpo-warm-") as scratch:
+        path = Path(scratch) / "server.sock"
+        server = subprocess.Popen([sys.executable, "-m", "tasks.lib.warm", "--serve", str(path)])
+        try:
+            while not path.exists():
+                if server.poll() is not None:
+                    raise SystemExit(f"the warm server exited with status {server.returncode} before listening")
+                time.sleep(0.01)
+            return subprocess.call(command, env={**os.environ, WARM_ENV: str(path)})
+        finally:
+            server.terminate()
+            server.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--serve", type=Path, help="serve on this socket path (what `-- COMMAND` starts)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run with a warm server")
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give a command after --, or --serve PATH")
+    sys.exit(run_warm(command))
+
+
+if __name__ == "__main__":
+    main()
