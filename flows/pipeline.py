@@ -36,6 +36,7 @@ from flows.dvc_project import (
     read_graph,
     run_stage,
     save_experiment,
+    stage_environment,
 )
 from flows.params_file import extended_rounds, write_params
 from flows.reports import changed_params, eval_summary_rows, guard_warnings, read_scores, run_report_markdown
@@ -43,6 +44,7 @@ from flows.sweep import point_rows, run_sweep
 from tasks.lib.params import ParamsError, apply_overrides, load_params
 from tasks.lib.schema import Params
 from tasks.lib.stage import BAD_INPUT_EXIT
+from tasks.lib.warm import warm_stages
 
 FLOW_NAME = "sft-dpo"
 PARAMS_FILE = "params.yaml"
@@ -233,7 +235,7 @@ def sft_dpo(
     original = yaml.safe_load(params_path.read_text(encoding="utf-8"))
     plan = plan_run(params_path, overrides or {}, rounds, next_round)
     experiment, notes = None, []
-    with params_applied(params_path, plan):
+    with params_applied(params_path, plan), warm_stages(stage_environment()):
         graph = read_graph(root)
         summary_file = root / graph.metric_files[SUMMARY_STAGE][0]
         previous_scores = read_scores(summary_file)

@@ -23,6 +23,7 @@ import yaml
 
 from flows.dvc_project import SUMMARY_STAGE, read_graph, stage_environment, with_git_identity
 from tasks.lib.params import ParamsError, load_params
+from tasks.lib.warm import warm_stages
 
 PARAMS_FILE = "params.yaml"
 HEADLINE = ("task_accuracy", "preference_accuracy", "win_rate_vs_sft", "kl_to_sft")
@@ -86,11 +87,12 @@ def run_sweep(root: Path, settings: dict[str, list[Any]], targets: tuple[str, ..
     points = check_points(root, settings)
     raw = yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8"))
     before = set(_experiment_results(root))
-    for point in points:
-        settings_given = [
-            argument for key, value in point.items() for argument in ("--set-param", _set_param(raw, key, value))
-        ]
-        _dvc(root, "exp", "run", "--temp", *settings_given, *targets)
+    with warm_stages(stage_environment()):
+        for point in points:
+            settings_given = [
+                argument for key, value in point.items() for argument in ("--set-param", _set_param(raw, key, value))
+            ]
+            _dvc(root, "exp", "run", "--temp", *settings_given, *targets)
     results = {name: row for name, row in _experiment_results(root).items() if name not in before}
     if len(results) != len(points):
         raise RuntimeError(f"sweep: {len(points)} points ran but {len(results)} experiments were recorded")

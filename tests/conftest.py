@@ -283,3 +283,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     needs = [item for item in items if NEEDS_PIPELINE & set(getattr(item, "fixturenames", ()))]
     rest = [item for item in items if item not in needs]
     items[:] = needs[:1] + rest + needs[1:]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_stages(tmp_path_factory):
+    """Stage processes started by the tests start warm (tasks/lib/warm.py), as under `make demo`.
+
+    One server per test process; a stage whose environment a test changed runs unwarmed, as it says.
+    """
+    from tasks.lib.warm import warm_stages
+
+    with warm_stages() as path:
+        yield path

@@ -1,6 +1,7 @@
 """Re-running a stage on the same inputs rewrites byte-identical outputs (dvc.lock's hashes do not move).
 
-One stage of every kind is re-run on a copy of the finished micro pipeline, in this process (the exact
+The micro pipeline was built with warm stage processes (tasks/lib/warm.py, as `make demo` runs it); one stage of
+every kind is re-run on a copy of it, in this process (the exact
 `python -m tasks.<stage> ...` command DVC resolved from dvc.yaml, run with runpy: one import of the
 libraries instead of one per stage); then `dvc status` must find every model, data, metrics and plots
 output as dvc.lock recorded it. TensorBoard event files are exempt, and so is the dashboard page: its runs panel
@@ -20,6 +21,7 @@ from pathlib import Path
 from conftest import dvc
 
 from flows.dvc_project import read_graph
+from tasks.lib.warm import WARM_ENV
 
 EXEMPT = ("logs/", "checkpoints/", "reports/dashboard.html")
 
@@ -28,6 +30,7 @@ def run_in_process(project: Path, command: str, monkeypatch) -> None:
     program, flag, module, *arguments = shlex.split(command)
     assert (program, flag) == ("python", "-m"), command
     with monkeypatch.context() as patch:
+        patch.delenv(WARM_ENV, raising=False)  # here, not in a fork of the warm server that built the pipeline
         patch.chdir(project)
         patch.setattr(sys, "argv", [module, *arguments])
         patch.delitem(sys.modules, module, raising=False)  # run it as __main__, as `python -m` does

@@ -74,13 +74,18 @@ def covered(path: Path, deps: list[str]) -> bool:
     return any(relative == dep or relative.startswith(dep.rstrip("/") + "/") for dep in deps)
 
 
+LAUNCHERS = {"tasks/lib/warm.py"}
+"""Decide how a stage process starts (warm or not), never what it writes: tests/test_determinism.py re-runs stages
+unwarmed against the outputs of the warm-built micro pipeline."""
+
+
 @pytest.mark.parametrize("stage", sorted(stage_commands()))
 def test_stage_depends_on_every_project_module_it_imports(stage):
     cmd, deps = stage_commands()[stage]
     missing = sorted(
         path.relative_to(ROOT).as_posix()
         for path in code_needed(cmd, deps)
-        if path.name != "__init__.py" and not covered(path, deps)
+        if path.name != "__init__.py" and not covered(path, deps) and path.relative_to(ROOT).as_posix() not in LAUNCHERS
     )
     assert not missing, f"dvc.yaml stage {stage} imports but does not depend on: {', '.join(missing)}"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from tasks.lib.warm import WARM_ENV
+from tasks.lib.warm import WARM_ENV, start_server
 
 PROBE = '''"""A stage that reports the process it runs in."""
 import json, os, sys, time
@@ -57,21 +57,17 @@ def probe_dir(tmp_path_factory) -> Path:
 
 
 def base_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    """The tests' environment without the session's warm server (conftest), with the project importable."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop(WARM_ENV, None)
+    return env
 
 
 @pytest.fixture(scope="module")
 def server(probe_dir) -> str:
     """A warm server, as `python -m tasks.lib.warm -- COMMAND` starts one; its socket path."""
-    socket_path = probe_dir / "server.sock"
-    process = subprocess.Popen([sys.executable, "-m", "tasks.lib.warm", "--serve", str(socket_path)], env=base_env())
-    deadline = time.monotonic() + 60
-    while not socket_path.exists():
-        assert process.poll() is None and time.monotonic() < deadline, "the warm server did not start"
-        time.sleep(0.05)
-    yield str(socket_path)
-    process.terminate()
-    process.wait(timeout=30)
+    with start_server(probe_dir / "server.sock", env=base_env()) as path:
+        yield str(path)
 
 
 def start_probe(probe_dir: Path, mode: str, env: dict[str, str]) -> subprocess.Popen:

@@ -32,6 +32,7 @@ from tasks.lib import timing, warm
 from tasks.lib.errors import BadInput
 from tasks.lib.params import ParamsError, load_params
 from tasks.lib.policies import skip_bitsandbytes_unless_quantized, skip_unused_trackers
+from tasks.lib.schema import Params
 
 BAD_INPUT_EXIT = 2
 """Exit status of a stage refused its input (params, data, arguments): retrying cannot help."""
@@ -92,11 +93,11 @@ def build_parser(work: Callable[..., Any]) -> argparse.ArgumentParser:
     return parser
 
 
-def _hand_off_if_warm(params) -> None:
+def _hand_off_if_warm(work: Callable[..., Any], params: Params) -> None:
     """Under `python -m tasks.lib.warm`, run this stage in a child of the warm server (returns only if not)."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    if spec is None or not os.environ.get(warm.WARM_ENV):
-        return  # run as a file path, or no server: the stage runs here
+    if work.__module__ != "__main__" or spec is None or not os.environ.get(warm.WARM_ENV):
+        return  # called from Python, run as a file path, or no server: the stage runs here
     needs_kept_out = params.model.quantization != "none" or bool({"wandb", "mlflow"} & set(params.tracking.report_to))
     warm.hand_off(spec.name, needs_kept_out)
 
@@ -113,7 +114,7 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
     except ParamsError as error:
         exit_bad_input(f"invalid params:\n{error}")
     arguments[PARAMS_PARAMETER] = params
-    _hand_off_if_warm(params)
+    _hand_off_if_warm(work, params)
     skip_bitsandbytes_unless_quantized(params.model)
     skip_unused_trackers(params.tracking.report_to)
     round_name = arguments.get(ROUND_PARAMETER)

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 WARM_ENV = "SFT_DPO_WARM"
@@ -53,6 +54,8 @@ PRELOAD = (
     "lm_eval.models.huggingface",
     "lm_eval.tasks",
     "torch.utils.tensorboard",
+    "scipy.stats",  # lm-eval's metrics
+    "sklearn.linear_model",  # the length-controlled win rate (tasks/lib/stats.py)
 )
 KEPT_OUT = ("bitsandbytes", "wandb", "mlflow")
 """Imported by peft/TRL whenever installed; kept out as a stage with default settings keeps them out (policies)."""
@@ -73,12 +76,21 @@ def _significant_env(env: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_ENV_PREFIXES)}
 
 
+def _added_by_imports() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key not in _STARTUP_ENV}
+
+
 def _refusal(request: dict) -> str | None:
     """Why this server cannot run the request as a fresh process would, or None."""
     if request["executable"] != sys.executable:
         return f"the server runs {sys.executable}, this stage {request['executable']}"
-    ours, theirs = _significant_env(_STARTUP_ENV), _significant_env(request["env"])
-    differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    added = _added_by_imports()  # a stage may lack them (not imported yet) or carry the same (a parent imported)
+    ours, theirs = _significant_env({**_STARTUP_ENV, **added}), _significant_env(request["env"])
+    differing = sorted(
+        key
+        for key in ours.keys() | theirs.keys()
+        if ours.get(key) != theirs.get(key) and not (key in added and key not in theirs)
+    )
     if differing:
         return f"environment differs from the server's in {', '.join(differing[:5])}"
     return None
@@ -108,13 +120,15 @@ def _run_child(request: dict, fds: list[int]) -> None:
         os.close(fd)
     sys.stdin, sys.stdout, sys.stderr = _text_stream(0, "r"), _text_stream(1, "w"), _text_stream(2, "w")
     os.chdir(request["cwd"])
-    added_by_imports = {key: value for key, value in os.environ.items() if key not in _STARTUP_ENV}
+    added = _added_by_imports()
     os.environ.clear()
-    os.environ.update({**added_by_imports, **request["env"]})
+    os.environ.update({**added, **request["env"]})
     os.environ.pop(WARM_ENV, None)
     sys.argv = request["argv"]
     sys.path[:] = request["path"]
-    random.seed()  # a fresh process draws its own seed; a fork would share the server's
+    random.seed()  # a fresh process draws its own seeds; a fork would share the server's
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
     status = 0
     try:
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
@@ -252,20 +266,44 @@ def hand_off(module: str, needs_kept_out: bool) -> None:
     os._exit(last["exit"] if last["exit"] >= 0 else 128 - last["exit"])
 
 
-def run_warm(command: list[str]) -> int:
-    """Start a warm server, run `command` with `SFT_DPO_WARM` naming it, stop the server; `command`'s status."""
-    with tempfile.TemporaryDirectory(prefix="sftdpo-warm-") as scratch:
-        path = Path(scratch) / "server.sock"
-        server = subprocess.Popen([sys.executable, "-m", "tasks.lib.warm", "--serve", str(path)])
+@contextlib.contextmanager
+def start_server(path: Path, env: dict[str, str] | None = None) -> Iterator[Path]:
+    """A warm server listening on `path` (it preloads meanwhile: early stages wait for it), stopped on exit.
+
+    Stages whose environment is `env` (default: this process's) start warm.
+    """
+    server = subprocess.Popen([sys.executable, "-m", "tasks.lib.warm", "--serve", str(path)], env=env)
+    try:
+        while not path.exists():
+            if server.poll() is not None:
+                raise RuntimeError(f"the warm server exited with status {server.returncode} before listening")
+            time.sleep(0.01)
+        yield path
+    finally:
+        server.terminate()
+        server.wait()
+
+
+@contextlib.contextmanager
+def warm_stages(env: dict[str, str] | None = None) -> Iterator[Path]:
+    """For the duration, `SFT_DPO_WARM` in this process's environment names a warm server started with `env`
+    (default: this process's): stage processes started meanwhile with that environment start warm."""
+    previous = os.environ.get(WARM_ENV)
+    with tempfile.TemporaryDirectory(prefix="sftdpo-warm-") as scratch, start_server(Path(scratch) / "s", env) as path:
+        os.environ[WARM_ENV] = str(path)
         try:
-            while not path.exists():
-                if server.poll() is not None:
-                    raise SystemExit(f"the warm server exited with status {server.returncode} before listening")
-                time.sleep(0.01)
-            return subprocess.call(command, env={**os.environ, WARM_ENV: str(path)})
+            yield path
         finally:
-            server.terminate()
-            server.wait()
+            if previous is None:
+                os.environ.pop(WARM_ENV, None)
+            else:
+                os.environ[WARM_ENV] = previous
+
+
+def run_warm(command: list[str]) -> int:
+    """Run `command` with a warm server started for it; `command`'s exit status."""
+    with warm_stages():
+        return subprocess.call(command)
 
 
 def main() -> None:
