@@ -1,12 +1,13 @@
 """Sweeps: a grid over params keys, each point one DVC experiment sharing every output its params do not change.
 
 DVC does the work: each point is one `dvc exp run --temp --set-param key=value ...`, run in DVC's own temporary
-workspace (the user's working tree is never written), one after another, and a stage whose dependencies and params
-a point does not change is restored from the DVC cache instead of re-run (data, SFT, the
-reference, its log-probs, round 1's samples for a key only DPO reads). Results land in `dvc exp show` and on the
-eval dashboard's runs panel.
+workspace (the user's working tree is never written), and a stage whose dependencies and params a point does not
+change is restored from DVC's run-cache instead of re-run (data, SFT, the reference, its log-probs, round 1's
+samples for a key only DPO reads). The first point runs alone to fill that cache, the others `--jobs` at a time
+(default 2), all with warm stage processes (tasks/lib/warm.py). Results land in `dvc exp show` and on the eval
+dashboard's runs panel.
 
-    python -m flows.sweep dpo.loss.beta=0.05,0.1,0.5 [dpo.train.learning_rate=1e-4,5e-4]   (`make sweep ARGS=...`)
+    python -m flows.sweep dpo.loss.beta=0.05,0.1,0.5 [dpo.train.learning_rate=1e-4,5e-4] [--jobs 2]   (`make sweep ARGS=...`)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import itertools
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +81,32 @@ def _dvc(root: Path, *arguments: str) -> subprocess.CompletedProcess:
     return result
 
 
-def run_sweep(root: Path, settings: dict[str, list[Any]], targets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Run each point of the grid as a DVC experiment (one after another); return its experiment and metrics.
+def run_sweep(
+    root: Path, settings: dict[str, list[Any]], targets: tuple[str, ...] = (), jobs: int = 2
+) -> list[dict[str, Any]]:
+    """Run each point of the grid as a DVC experiment; return its experiment and metrics.
 
+    The first point runs alone: what every point shares (data, SFT, the reference, its log-probs, ...) then sits in
+    DVC's run-cache, and the other points, `jobs` at a time, restore it instead of computing it again each.
     `targets`: the stages to reproduce (and what they depend on); none: the whole pipeline.
     """
     points = check_points(root, settings)
+    if jobs < 1:
+        raise ParamsError(f"sweep: jobs {jobs}: run at least one point at a time")
     raw = yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8"))
     before = set(_experiment_results(root))
+
+    def run_point(point: dict[str, Any]) -> None:
+        settings_given = [
+            argument for key, value in point.items() for argument in ("--set-param", _set_param(raw, key, value))
+        ]
+        _dvc(root, "exp", "run", "--temp", *settings_given, *targets)
+
     with warm_stages(stage_environment()):
-        for point in points:
-            settings_given = [
-                argument for key, value in point.items() for argument in ("--set-param", _set_param(raw, key, value))
-            ]
-            _dvc(root, "exp", "run", "--temp", *settings_given, *targets)
+        run_point(points[0])
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for done in [pool.submit(run_point, point) for point in points[1:]]:
+                done.result()  # the first failure, after every point has finished or failed
     results = {name: row for name, row in _experiment_results(root).items() if name not in before}
     if len(results) != len(points):
         raise RuntimeError(f"sweep: {len(points)} points ran but {len(results)} experiments were recorded")
@@ -136,11 +150,12 @@ def main() -> None:
     parser.add_argument("settings", nargs="+", metavar="KEY=V1,V2", help="a params key and the values to try")
     parser.add_argument("--project", type=Path, default=Path("."))
     parser.add_argument("--target", action="append", default=[], help="a stage to reproduce (default: all)")
+    parser.add_argument("--jobs", type=int, default=2, help="points run at once after the first (default 2)")
     args = parser.parse_args()
     root = args.project.resolve()
     try:
         settings = parse_settings(args.settings)
-        rows = point_rows(root, run_sweep(root, settings, tuple(args.target)), settings)
+        rows = point_rows(root, run_sweep(root, settings, tuple(args.target), args.jobs), settings)
     except ParamsError as error:
         sys.exit(f"invalid sweep:\n{error}")
     for row in rows:

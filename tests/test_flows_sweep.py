@@ -75,3 +75,19 @@ def test_each_point_is_an_experiment_that_reuses_what_it_does_not_change(harness
     assert {name: (project / name).read_bytes() for name in before} == before, "the working tree was written"
     shown = dvc(project, "exp", "show", "--json").stdout
     assert all(row["experiment"] in shown for row in rows)
+
+
+def test_points_after_the_first_run_together_and_restore_what_the_first_computed(tmp_path):
+    from flows.sweep import run_sweep
+
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    (tmp_path / "project").mkdir()
+    project = make_shell_project(tmp_path / "project", SWEEP_DAG.format(counts=counts))
+
+    rows = run_sweep(project, {"dpo.loss.beta": [0.2, 0.3, 0.4]}, jobs=2)
+
+    assert sorted(row["params"]["dpo"]["loss"]["beta"] for row in rows) == [0.2, 0.3, 0.4]
+    assert runs(counts, "up") == 1, "a point computed again what the first point left in the run-cache"
+    assert runs(counts, "report") == 3
+    assert not (project / "up.txt").exists(), "the working tree was written"
