@@ -7,7 +7,7 @@ samples for a key only DPO reads). The first point runs alone to fill that cache
 (default 2), all with warm stage processes (tasks/lib/warm.py). Results land in `dvc exp show` and on the eval
 dashboard's runs panel.
 
-    python -m flows.sweep dpo.loss.beta=0.05,0.1,0.5 [dpo.train.learning_rate=1e-4,5e-4] [--jobs 2]   (`make sweep ARGS=...`)
+    python -m flows.sweep dpo.loss.beta=0.05,0.1,0.5 [dpo.train.learning_rate=1e-4,5e-4] [--jobs 2]  (make sweep)
 """
 
 from __future__ import annotations
