@@ -10,11 +10,13 @@ sanity check. A round past the guard's thresholds is marked `failed-quality` in 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
 
 from tasks.lib.chat import adds_special_tokens, render
+from tasks.lib.distributed import check_replicas_agree, is_main, world_size
 from tasks.lib.errors import QualityGateFailed
 from tasks.lib.files import atomic_path, load_records, load_splits, write_json
 from tasks.lib.hashing import file_digest
@@ -26,6 +28,7 @@ from tasks.lib.training import (
     REF_COLUMNS,
     dpo_sequence_config,
     dpo_trainer_class,
+    final_model_dir,
     logged_history,
     lora_config,
     reference_free_trainer,
@@ -182,11 +185,20 @@ def train_round(
     trainer.train(resume_from_checkpoint=resume)
     evaluation = trainer.evaluate()
     history = logged_history(trainer)
+    agreement = check_replicas_agree(trainer.model)
+    if agreement and is_main():
+        print(f"world size {world_size()}: {agreement}")
+    final = final_model_dir(checkpoints)
+    if lora:
+        with phase("save"):
+            trainer.save_model(str(final))
+    if not is_main():
+        return {}  # rank 0 writes the outputs
 
     with atomic_path(out) as scratch:
         if lora:
-            with phase("save"):
-                trainer.save_model(str(scratch / ADAPTER_DIR))
+            scratch.mkdir()
+            shutil.move(final, scratch / ADAPTER_DIR)
             merged = merge_adapter(policy, scratch / ADAPTER_DIR, params.merge.dtype)
         else:
             merged = trainer.model

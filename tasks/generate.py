@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tasks.lib.chat import adds_special_tokens, render
+from tasks.lib.distributed import barrier, ensure_process_group, is_main, rank, world_size
 from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.generation import open_backend
@@ -59,12 +60,15 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
     rows = load_records(prompts)
     per_call = max(1, settings.batch_size // settings.samples_per_prompt)
     batches = [rows[i : i + per_call] for i in range(0, len(rows), per_call)]
+    ensure_process_group()
     resumed = claim_checkpoint_dir(checkpoints, sampling_fingerprint(params, policy, prompts))
     done = {int(path.stem) for path in checkpoints.glob("*.jsonl")} if resumed else set()
+    # On several processes each samples every world_size-th batch; seeds are per batch, so the samples are the same.
+    skipped = done | {index for index in range(len(batches)) if index % world_size() != rank()}
     backend, tokenizer = None, None
     started = time.perf_counter()
     for index, batch in enumerate(tqdm(batches, desc="generate", unit="batch", file=sys.stderr, mininterval=5)):
-        if index in done:
+        if index in skipped:
             continue
         if backend is None:
             backend = open_backend(settings.backend, policy, params.model)
@@ -87,6 +91,9 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
         with atomic_path(checkpoints / f"{index:06d}.jsonl") as scratch:
             write_records(scratch, finished)
     seconds = time.perf_counter() - started
+    barrier()
+    if not is_main():
+        return {}  # rank 0 writes the outputs
     generated = [row for index in range(len(batches)) for row in load_records(checkpoints / f"{index:06d}.jsonl")]
     with atomic_path(out) as scratch:
         write_records(scratch, generated)

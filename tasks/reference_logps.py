@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from tasks.lib.distributed import is_main
 from tasks.lib.files import atomic_path, load_records, load_splits, write_records
 from tasks.lib.policies import load_model, load_tokenizer
 from tasks.lib.schema import SFT_POLICY, Params
@@ -42,6 +43,8 @@ def compute_reference_logps(params: Params, reference: Path, pairs: Path, eval_p
             model=model, args=config, train_dataset=data["train"], eval_dataset=data["eval"], processing_class=tokenizer
         )
         splits = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+        if not is_main():
+            return  # TRL's precompute shards the batches and gathers them in order on every process; rank 0 writes
         with atomic_path(out) as scratch:
             scratch.mkdir()
             for name, dataset in splits.items():

@@ -9,17 +9,19 @@ checkpoint when params and data are unchanged.
 
 from __future__ import annotations
 
+import shutil
 from functools import partial
 from pathlib import Path
 
 from tasks.lib.chat import completion_ids, sft_loss_mask
+from tasks.lib.distributed import check_replicas_agree, is_main, world_size
 from tasks.lib.files import atomic_path, write_json
 from tasks.lib.hashing import file_digest
 from tasks.lib.policies import load_base_tokenizer, load_model, resolve_base, scrub_saved_configs
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 from tasks.lib.timing import phase
-from tasks.lib.training import logged_history, lora_config, resume_checkpoint, training_arguments
+from tasks.lib.training import final_model_dir, logged_history, lora_config, resume_checkpoint, training_arguments
 
 
 def losses(history: list[dict], key: str = "loss") -> list[float]:
@@ -94,8 +96,16 @@ def train_sft(
     trainer.train(resume_from_checkpoint=resume)
     evaluation = trainer.evaluate()
     history = logged_history(trainer)
+    agreement = check_replicas_agree(trainer.model)
+    if agreement and is_main():
+        print(f"world size {world_size()}: {agreement}")
+    final = final_model_dir(checkpoints)
+    with phase("save"):
+        trainer.save_model(str(final))
+    if not is_main():
+        return {}  # rank 0 writes the outputs
     with atomic_path(out) as scratch, phase("save"):
-        trainer.save_model(str(scratch))
+        shutil.move(final, scratch)
         tokenizer.save_pretrained(scratch)
         scrub_saved_configs(scratch)
     train_losses = losses(history)

@@ -490,6 +490,42 @@ class TrackingParams(Section):
     """MLflow experiment the runs are logged under."""
 
 
+DISTRIBUTED_STAGES = ("sft", "dpo", "reference_logps", "generate")
+"""Stage kinds that share their work across `compute.processes` processes; the others always run on one."""
+ACCELERATE_CONFIGS_DIR = "configs/accelerate"
+
+
+class ComputeParams(Section):
+    processes: PositiveInt = 1
+    """Processes per machine for the stages that share their work: `sft` and `dpo` (data parallel: each process
+    trains on `batch_size` rows per step, so one optimizer step sees batch_size x gradient_accumulation x
+    processes rows, and the gradients are averaged), `reference_logps` and `generate` (rows sharded by batch,
+    gathered and written once, byte-identical to one process). One per GPU on a GPU machine; on a CPU, gloo
+    processes. The other stages run on one process. `sft` and `dpo` depend on this key (it changes the global
+    batch); nothing else does."""
+    launcher: Literal["torchrun", "accelerate"] = "torchrun"
+    """How a stage starts its processes when it uses more than one: `torchrun --standalone --nproc_per_node`
+    (works on a CPU), or `accelerate launch` with `accelerate_config` (DeepSpeed, FSDP; on a CPU, accelerate
+    starts one process unless MPI is set up: use torchrun)."""
+    accelerate_config: str | None = None
+    """An accelerate config file for `launcher: accelerate` (configs/accelerate/ ships DDP, FSDP and DeepSpeed
+    ZeRO-2/ZeRO-3 examples); its process count is replaced by the stage's."""
+    stage_processes: dict[Literal["sft", "dpo", "reference_logps", "generate"], PositiveInt] = {}
+    """A stage kind's own process count, in place of `processes` (e.g. `{generate: 1}`)."""
+
+    def processes_for(self, stage_kind: str) -> int:
+        """How many processes a stage of this kind runs on."""
+        if stage_kind not in DISTRIBUTED_STAGES:
+            return 1
+        return self.stage_processes.get(stage_kind, self.processes)
+
+    @model_validator(mode="after")
+    def _accelerate_needs_a_config(self) -> ComputeParams:
+        if self.launcher == "accelerate" and self.accelerate_config is None:
+            raise ValueError(f"launcher accelerate needs accelerate_config (a file in {ACCELERATE_CONFIGS_DIR}/)")
+        return self
+
+
 class Params(Section):
     data: DataParams
     """Input data and how it is validated and split."""
@@ -511,6 +547,8 @@ class Params(Section):
     """Experiment trackers the training stages log to (TensorBoard, W&B, MLflow)."""
     orchestration: OrchestrationParams = OrchestrationParams()
     """The Prefect flows (no stage reads these, so changing them re-runs nothing)."""
+    compute: ComputeParams = ComputeParams()
+    """How many processes the stages that can share their work run on, and how they are launched."""
 
     @model_validator(mode="after")
     def _quantization_needs_lora(self) -> Params:

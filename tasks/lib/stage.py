@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tasks.lib import timing, warm
+from tasks.lib import distributed, timing, warm
 from tasks.lib.errors import BadInput
 from tasks.lib.params import ParamsError, load_params
 from tasks.lib.policies import skip_bitsandbytes_unless_quantized, skip_unused_trackers
@@ -98,6 +98,8 @@ def _hand_off_if_warm(work: Callable[..., Any], params: Params) -> None:
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     if work.__module__ != "__main__" or spec is None or not os.environ.get(warm.WARM_ENV):
         return  # called from Python, run as a file path, or no server: the stage runs here
+    if distributed.world_size() > 1:
+        return  # one of a launcher's processes: it watches this process, which stays the one doing the work
     needs_kept_out = params.model.quantization != "none" or bool({"wandb", "mlflow"} & set(params.tracking.report_to))
     warm.hand_off(spec.name, needs_kept_out)
 
@@ -114,13 +116,16 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
     except ParamsError as error:
         exit_bad_input(f"invalid params:\n{error}")
     arguments[PARAMS_PARAMETER] = params
-    _hand_off_if_warm(work, params)
-    skip_bitsandbytes_unless_quantized(params.model)
-    skip_unused_trackers(params.tracking.report_to)
     round_name = arguments.get(ROUND_PARAMETER)
     if round_name is not None and round_name not in params.dpo.rounds:
         exit_bad_input(f"--round {round_name}: not a key of dpo.rounds ({', '.join(params.dpo.rounds)})")
     try:
+        if work.__module__ == "__main__" and getattr(sys.modules["__main__"], "__spec__", None) is not None:
+            # A command line: on several processes if `compute` says so (each launched process runs here on one).
+            distributed.relaunch_if_distributed(params.compute, sys.modules["__main__"].__spec__.name, sys.argv[1:])
+        _hand_off_if_warm(work, params)
+        skip_bitsandbytes_unless_quantized(params.model)
+        skip_unused_trackers(params.tracking.report_to)
         work(**arguments)
     except BadInput as error:
         exit_bad_input(f"{error.kind}:\n{error}")

@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from tasks.lib import distributed
 from tasks.lib.errors import SettingError
 from tasks.lib.files import read_json
 from tasks.lib.policies import has_cuda
@@ -208,6 +210,15 @@ def reference_free_trainer(objective: str, params: Params, training: dict[str, A
     return DPOTokenisedTrainer(args=config, **trainer_arguments)
 
 
+CLAIM_WAIT_S = 600
+
+
+def final_model_dir(checkpoint_dir: Path) -> Path:
+    """Where every process calls `trainer.save_model` (a collective under FSDP/DeepSpeed; rank 0 writes), before
+    rank 0 moves the files into the stage's output."""
+    return checkpoint_dir / "final"
+
+
 def resume_checkpoint(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> str | None:
     """The latest checkpoint of an interrupted run of the *same* stage inputs, else None.
 
@@ -222,9 +233,20 @@ def resume_checkpoint(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> str 
 
 
 def claim_checkpoint_dir(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> bool:
-    """True if `checkpoint_dir` holds partial work of the same inputs; otherwise empty it, stamp it, False."""
+    """True if `checkpoint_dir` holds partial work of the same inputs; otherwise empty it, stamp it, False.
+
+    On several processes rank 0 claims; the others wait until the folder carries this run's stamp.
+    """
     stamp = checkpoint_dir / "fingerprint.json"
-    if stamp.exists() and read_json(stamp) == json.loads(json.dumps(fingerprint)):
+    expected = json.loads(json.dumps(fingerprint))
+    if not distributed.is_main():
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while not (stamp.exists() and read_json(stamp) == expected):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{checkpoint_dir}: rank 0 did not claim it within {CLAIM_WAIT_S} s")
+            time.sleep(0.05)
+        return any(checkpoint_dir.glob("checkpoint-*"))
+    if stamp.exists() and read_json(stamp) == expected:
         return True
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True)

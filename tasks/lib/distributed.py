@@ -1,0 +1,128 @@
+"""Stages on several processes: the launcher a stage re-executes itself under, and the ranks inside it.
+
+A stage command stays one line in dvc.yaml (`python -m tasks.sft ...`). When `compute` gives its kind more than
+one process, `stage_main` re-executes that same command under `torchrun --standalone --nproc_per_node N` or
+`accelerate launch --num_processes N` and exits with its status; the launcher sets `RANK`, `WORLD_SIZE` and
+`LOCAL_RANK` in each process, which is how a process knows it is one of several (and does not launch again).
+Trainers pick the process group up themselves (transformers/accelerate: NCCL on GPUs, gloo on a CPU); stages that
+shard rows use `shard()` and `gather()` below. Only rank 0 writes a stage's outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks.lib.errors import SettingError
+from tasks.lib.schema import ComputeParams
+
+STAGE_KINDS = {
+    "tasks.sft": "sft",
+    "tasks.dpo": "dpo",
+    "tasks.reference_logps": "reference_logps",
+    "tasks.generate": "generate",
+}
+"""The stage modules that can share their work, by kind (`compute.stage_processes` keys)."""
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Whether this process writes the stage's outputs (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def launch_command(compute: ComputeParams, processes: int, module: str, arguments: list[str]) -> list[str]:
+    """The command that runs `python -m module arguments` on `processes` processes."""
+    if compute.launcher == "torchrun":
+        launcher = ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    else:
+        if not Path(str(compute.accelerate_config)).is_file():
+            raise SettingError(f"compute.accelerate_config {compute.accelerate_config}: no such file")
+        launcher = ["accelerate.commands.launch", "--config_file", str(compute.accelerate_config)]
+        launcher += ["--num_processes", str(processes)]
+    return [sys.executable, "-m", *launcher, "-m", module, *arguments]
+
+
+def relaunch_if_distributed(compute: ComputeParams, module: str, arguments: list[str]) -> None:
+    """Re-execute this stage on its processes and exit with their status; return when it runs here on one.
+
+    Inside a launched process (`WORLD_SIZE` set) it runs here, whatever its count.
+    """
+    kind = STAGE_KINDS.get(module)
+    processes = compute.processes_for(kind) if kind else 1
+    if processes <= 1 or "WORLD_SIZE" in os.environ:
+        if kind is None and compute.processes > 1:
+            print(f"{module}: runs on one process (compute.processes applies to {', '.join(STAGE_KINDS.values())})")
+        return
+    command = launch_command(compute, processes, module, arguments)
+    print(f"{module}: on {processes} processes: {' '.join(command[2:])}", flush=True)
+    sys.exit(subprocess.call(command))
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def ensure_process_group() -> None:
+    """Join the launcher's process group (gloo on a CPU, NCCL on GPUs) for a stage that shards without a trainer."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def shard(items: list[Any]) -> list[tuple[int, Any]]:
+    """This process's share of `items`, as (index, item): every `world_size()`-th one, starting at `rank()`."""
+    return [(index, item) for index, item in enumerate(items) if index % world_size() == rank()]
+
+
+def gather(pieces: list[tuple[int, Any]]) -> list[Any] | None:
+    """Every process's (index, item) pieces, in index order, on rank 0 (None elsewhere); this process's alone when
+    it is the only one."""
+    if world_size() == 1:
+        return [item for _, item in sorted(pieces, key=lambda piece: piece[0])]
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world_size() if is_main() else []
+    dist.gather_object(pieces, everyone if is_main() else None, dst=0)
+    if not is_main():
+        return None
+    return [item for _, item in sorted((piece for part in everyone for piece in part), key=lambda piece: piece[0])]
+
+
+def check_replicas_agree(model) -> str | None:
+    """After data-parallel training, fail unless every process holds the same weights; a line saying so, or None
+    on one process.
+
+    Compares a float64 checksum of the trainable parameters across processes: replicas that differ trained on
+    their own rows without averaging their gradients (a known failure of data-parallel setups).
+    """
+    if world_size() == 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        trainable = [p.detach().double() for p in model.parameters() if p.requires_grad]
+        checksum = (sum(float(p.sum()) for p in trainable), sum(float(p.abs().sum()) for p in trainable))
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, checksum)
+    if any(other != everyone[0] for other in everyone):
+        raise RuntimeError(f"the {world_size()} processes hold different weights after training: {everyone}")
+    return f"{world_size()} processes hold identical weights (trainable checksum {checksum[0]:.9g})"

@@ -1,0 +1,185 @@
+"""Stages on two gloo processes (`compute.processes: 2`, torchrun on the CPU): data-parallel training averages the
+gradients (it matches one process with the same global batch, which training each rank alone would not), every
+process ends with the same weights, rank 0 alone writes; the sharded stages write what one process writes.
+
+Training runs full-batch on 8 rows (one process x 8 rows vs two x 4), so the order the rows are dealt in cannot
+explain a difference: only the averaging can.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, read_params
+
+ROWS = 8
+
+
+def load_weights(folder: Path, name: str = "model.safetensors") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / name)
+
+
+def max_difference(one: dict, other: dict) -> float:
+    return max(float((one[name] - other[name]).abs().max()) for name in one)
+
+
+@pytest.fixture(scope="module")
+def inputs(pipeline, tmp_path_factory) -> Path:
+    """8 SFT rows and 8 pairs with their reference log-probs, from the micro pipeline's outputs."""
+    folder = tmp_path_factory.mktemp("distributed")
+    for name in ("sft_train", "sft_heldout"):
+        lines = (pipeline / f"data/prepared/{name}.jsonl").read_text().splitlines(keepends=True)[:ROWS]
+        (folder / f"{name}.jsonl").write_text("".join(lines))
+    (folder / "reference_logps").mkdir()
+    for split in ("train", "eval"):
+        lines = (pipeline / f"models/reference_logps/r1/{split}.jsonl").read_text().splitlines(keepends=True)[:ROWS]
+        (folder / "reference_logps" / f"{split}.jsonl").write_text("".join(lines))
+    return folder
+
+
+def params_file(pipeline: Path, folder: Path, processes: int, section: str, **changes) -> Path:
+    """The micro params with `processes` processes, `section`.train full-batch over the 8 rows, and `changes`."""
+    params = read_params(pipeline)
+    params["compute"]["processes"] = processes
+    params[section]["train"].update(batch_size=ROWS // processes, epochs=3, warmup_ratio=0.0, logging_steps=1)
+    params["tracking"]["report_to"] = []
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    target = folder / f"params_{section}_{processes}.yaml"
+    target.write_text(yaml.safe_dump(params, sort_keys=False))
+    return target
+
+
+def run_stage(pipeline: Path, module: str, *arguments: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", module, *arguments], cwd=pipeline, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_sft(pipeline: Path, inputs: Path, tmp_path: Path, processes: int) -> tuple[Path, str]:
+    params = params_file(pipeline, tmp_path, processes, "sft")
+    out = tmp_path / f"sft_{processes}"
+    result = run_stage(
+        pipeline, "tasks.sft", "--params", str(params), "--base", str(pipeline / "models/base"),
+        "--train", str(inputs / "sft_train.jsonl"), "--heldout", str(inputs / "sft_heldout.jsonl"),
+        "--out", str(out), "--checkpoints", str(tmp_path / f"checkpoints_sft_{processes}"),
+        "--plots", str(tmp_path / f"plots_sft_{processes}.json"), "--metrics", str(tmp_path / f"sft_{processes}.json"),
+    )  # fmt: skip
+    return out, result.stdout
+
+
+def test_sft_on_two_processes_averages_gradients_like_one_process_with_the_same_global_batch(
+    pipeline, inputs, tmp_path
+):
+    one, _ = train_sft(pipeline, inputs, tmp_path, 1)
+    two, log = train_sft(pipeline, inputs, tmp_path, 2)
+
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in log
+    assert "world size 2: 2 processes hold identical weights" in log
+    assert log.count("sft: loss") == 1, "a stage on two processes reported (and wrote) twice"
+    base = load_weights(pipeline / "models/base")
+    assert max_difference(load_weights(one), base) > 1e-3, "training did not move the weights: the test proves nothing"
+    assert max_difference(load_weights(two), load_weights(one)) < 1e-5
+    assert not list(tmp_path.glob(".sft_2.*")), "a scratch copy of the output was left behind"
+
+
+def test_dpo_on_two_processes_averages_gradients_like_one_process_with_the_same_global_batch(
+    pipeline, inputs, tmp_path
+):
+    # The sigmoid loss is a mean over pairs; TRL's `sft` term is a token mean per process (as per accumulation step).
+    outs, logs = {}, {}
+    for processes in (1, 2):
+        params = params_file(pipeline, tmp_path, processes, "dpo", **{"dpo.loss.types": ["sigmoid"]})
+        outs[processes] = tmp_path / f"dpo_{processes}"
+        logs[processes] = run_stage(
+            pipeline, "tasks.dpo", "--params", str(params), "--round", "r1",
+            "--policy", str(pipeline / "models/policies/sft"), "--reference-logps", str(inputs / "reference_logps"),
+            "--out", str(outs[processes]), "--checkpoints", str(tmp_path / f"checkpoints_dpo_{processes}"),
+            "--plots", str(tmp_path / f"plots_dpo_{processes}.json"),
+            "--metrics", str(tmp_path / f"dpo_{processes}.json"),
+        ).stdout  # fmt: skip
+
+    assert "world size 2: 2 processes hold identical weights" in logs[2]
+    adapters = {n: load_weights(outs[n] / "adapter", "adapter_model.safetensors") for n in outs}
+    lora_b = [value for name, value in adapters[1].items() if "lora_B" in name]  # LoRA's B matrices start at zero
+    assert max(float(value.abs().max()) for value in lora_b) > 1e-4, "DPO did not move the adapter"
+    assert max_difference(adapters[2], adapters[1]) < 1e-5
+
+
+def sharded_params(pipeline: Path, folder: Path, processes: int) -> Path:
+    params = read_params(pipeline)
+    params["compute"]["processes"] = processes
+    target = folder / f"params_{processes}.yaml"
+    target.write_text(yaml.safe_dump(params, sort_keys=False))
+    return target
+
+
+def test_generate_on_two_processes_writes_the_samples_one_process_writes(pipeline, tmp_path):
+    outs = {}
+    for processes in (1, 2):
+        outs[processes] = tmp_path / f"generations_{processes}.jsonl"
+        log = run_stage(
+            pipeline, "tasks.generate", "--params", str(sharded_params(pipeline, tmp_path, processes)),
+            "--policy", str(pipeline / "models/policies/sft"),
+            "--prompts", str(pipeline / "data/rounds/r1/prompts.jsonl"),
+            "--out", str(outs[processes]), "--checkpoints", str(tmp_path / f"checkpoints_{processes}"),
+            "--metrics", str(tmp_path / f"generate_{processes}.json"),
+        ).stdout  # fmt: skip
+    assert "--nproc_per_node=2" in log and log.count(" responses to ") == 1
+    assert outs[2].read_bytes() == outs[1].read_bytes()
+    assert outs[1].read_bytes() == (pipeline / "data/rounds/r1/generations.jsonl").read_bytes()
+
+
+def test_reference_logps_on_two_processes_are_the_ones_one_process_writes(pipeline, tmp_path):
+    for processes in (1, 2):
+        run_stage(
+            pipeline, "tasks.reference_logps", "--params", str(sharded_params(pipeline, tmp_path, processes)),
+            "--round", "r1", "--sft-policy", str(pipeline / "models/policies/sft"),
+            "--previous-policy", str(pipeline / "models/policies/sft"),
+            "--pairs", str(pipeline / "data/prepared/pairs/r1.jsonl"),
+            "--eval-pairs", str(pipeline / "data/prepared/eval_pairs.jsonl"),
+            "--out", str(tmp_path / f"reference_logps_{processes}"),
+        )  # fmt: skip
+    for split in ("train.jsonl", "eval.jsonl"):
+        two, one = (tmp_path / f"reference_logps_{n}" / split for n in (2, 1))
+        assert two.read_bytes() == one.read_bytes(), split
+        assert one.read_bytes() == (pipeline / "models/reference_logps/r1" / split).read_bytes()
+
+
+def test_launch_commands_and_the_shipped_accelerate_configs():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from tasks.lib.distributed import launch_command
+    from tasks.lib.errors import SettingError
+    from tasks.lib.schema import ComputeParams
+
+    torchrun = launch_command(ComputeParams(processes=2), 2, "tasks.sft", ["--params", "p.yaml"])
+    assert torchrun[1:] == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tasks.sft", "--params", "p.yaml"
+    ]  # fmt: skip
+    kinds = {}
+    for config in sorted(ROOT.glob("configs/accelerate/*.yaml")):
+        kinds[config.stem] = str(load_config_from_file(str(config)).distributed_type)
+        compute = ComputeParams(launcher="accelerate", accelerate_config=str(config))
+        command = launch_command(compute, 4, "tasks.dpo", [])
+        assert command[2:6] == ["accelerate.commands.launch", "--config_file", str(config), "--num_processes"]
+    assert kinds == {
+        "ddp": "DistributedType.MULTI_GPU",
+        "fsdp": "DistributedType.FSDP",
+        "deepspeed_zero2": "DistributedType.DEEPSPEED",
+        "deepspeed_zero3": "DistributedType.DEEPSPEED",
+    }
+    with pytest.raises(SettingError, match="compute.accelerate_config nowhere.yaml: no such file"):
+        launch_command(ComputeParams(launcher="accelerate", accelerate_config="nowhere.yaml"), 2, "tasks.sft", [])
