@@ -33,9 +33,28 @@ from onpolicy import clone, environment  # noqa: E402  (the clean-clone helpers)
 PLAIN = Path(__file__).resolve().with_name("plain_trl_round.py")
 
 
-def run(command: list[str], project: Path) -> float:
+def _cold_env(project: Path) -> dict[str, str]:
+    from tasks.lib.warm import WARM_ENV
+
+    env = environment(project)
+    env.pop(WARM_ENV, None)
+    return env
+
+
+def _warm_env() -> dict[str, str]:
+    import os
+
+    from tasks.lib.warm import WARM_ENV
+
+    return {WARM_ENV: os.environ[WARM_ENV]} if WARM_ENV in os.environ else {}
+
+
+def run(command: list[str], project: Path, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of `command` in `project`; `env` defaults to the benchmark's (with the warm server when one is
+    up)."""
+    env = env if env is not None else {**environment(project), **_warm_env()}
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=project, env=environment(project), capture_output=True, text=True)
+    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return time.perf_counter() - started
@@ -79,34 +98,53 @@ def stage_commands(project: Path, names: tuple[str, ...]) -> list[list[str]]:
 
 
 def round_arms(project: Path, scratch: Path, repeats: int) -> dict[str, list[float]]:
-    """One round: the pipeline's two stage processes vs one plain TRL run (default beta), alternating."""
+    """One round: the pipeline's two stage processes (cold, and warm with the server already up as in a flow run or
+    `make demo`) vs one plain TRL run (default beta), alternating."""
     import yaml
+
+    from tasks.lib.warm import warm_stages
 
     run([sys.executable, "-m", "dvc", "repro", "dpo@r1"], project)  # the stages' inputs and dvc.lock entries
     commands = stage_commands(project, ("reference_logps@r1", "dpo@r1"))
     beta = str(yaml.safe_load((project / "params.yaml").read_text())["dpo"]["loss"]["beta"])
-    walls: dict[str, list[float]] = {"pipeline": [], "plain": []}
-    for repeat in range(repeats):
-        for arm in ("pipeline", "plain") if repeat % 2 == 0 else ("plain", "pipeline"):
-            if arm == "pipeline":
-                wall = sum(run(command, project) for command in commands)
-            else:
-                wall = plain_arm(project, beta, scratch)
-            walls[arm].append(wall)
-            print(f"round, repeat {repeat + 1}: {arm} {wall:.1f} s", flush=True)
+    arms = ("pipeline", "pipeline-warm", "plain")
+    walls: dict[str, list[float]] = {arm: [] for arm in arms}
+    with warm_stages(environment(project)):
+        run(commands[0], project)  # the server has finished importing before anything is timed
+        for repeat in range(repeats):
+            for arm in arms if repeat % 2 == 0 else arms[::-1]:
+                if arm == "plain":
+                    wall = plain_arm(project, beta, scratch)
+                else:
+                    env = _cold_env(project) if arm == "pipeline" else None
+                    wall = sum(run(command, project, env) for command in commands)
+                walls[arm].append(wall)
+                print(f"round, repeat {repeat + 1}: {arm} {wall:.1f} s", flush=True)
     return walls
+
+
+def print_round(walls: dict[str, list[float]], repeats: int) -> None:
+    plain = statistics.median(walls["plain"])
+    print(f"\none round, medians of {repeats} (reference_logps@r1 + dpo@r1 processes vs one plain TRL script):")
+    for arm, values in walls.items():
+        median = statistics.median(values)
+        print(f"{arm:14} {median:5.1f} s   {median / plain:.2f}x the plain time")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--betas", default="0.05,0.1,0.5")
+    parser.add_argument("--round-only", action="store_true", help="only the single-round comparison")
     args = parser.parse_args()
     walls: dict[str, list[float]] = {"pipeline": [], "plain": []}
     with tempfile.TemporaryDirectory(prefix="sftdpo-bench-sweep-") as scratch:
         scratch = Path(scratch)
         project = prepared_project(scratch)
         round_walls = round_arms(project, scratch, args.repeats)
+        if args.round_only:
+            print_round(round_walls, args.repeats)
+            return
         # The sweep starts from the committed round-1 pairs: DVC stages dvc.lock as it writes it (core.autostage),
         # so the index is reset too, or the experiments would find the round's reference log-probs and training done.
         run(["git", "reset", "-q", "--hard"], project)
@@ -120,11 +158,7 @@ def main() -> None:
                 )
                 walls[arm].append(wall)
                 print(f"repeat {repeat + 1}: {arm} {wall:.1f} s", flush=True)
-    one_round, plain_round = statistics.median(round_walls["pipeline"]), statistics.median(round_walls["plain"])
-    print(
-        f"\none round, medians of {args.repeats}: pipeline (reference_logps@r1 + dpo@r1 processes) {one_round:.1f} s, "
-    )
-    print(f"plain TRL script {plain_round:.1f} s: the pipeline takes {one_round / plain_round:.2f}x the plain time")
+    print_round(round_walls, args.repeats)
     pipeline, plain = statistics.median(walls["pipeline"]), statistics.median(walls["plain"])
     print(f"\n{len(args.betas.split(','))}-point beta sweep of round 1 ({args.betas}), medians of {args.repeats}:")
     print(f"pipeline (DVC experiments, reference log-probs once) {pipeline:.1f} s")
