@@ -162,6 +162,47 @@ def experiment_commits(root: Path) -> dict[str, str]:
     }
 
 
+REMOTE_NAME = "sft-dpo"
+"""The DVC remote `storage.remote` is configured as (local config: params.yaml stays the one place it is set)."""
+
+
+class RemoteError(RuntimeError):
+    """A pull, push or check against `storage.remote` failed: the run is not reported done."""
+
+
+def _dvc_remote_command(root: Path, *arguments: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dvc", *arguments]
+    result = subprocess.run(command, cwd=root, env=stage_environment(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RemoteError(
+            f"dvc {' '.join(arguments)} failed (storage.remote):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        )
+    return result
+
+
+def use_remote(root: Path, url: str) -> None:
+    """Make `url` the project's default DVC remote for this checkout."""
+    _dvc_remote_command(root, "remote", "add", "--local", "--force", "--default", REMOTE_NAME, url)
+
+
+def pull_outputs(root: Path) -> None:
+    """Fetch every output dvc.lock records that the remote holds (a fresh remote holds none: not an error)."""
+    _dvc_remote_command(root, "pull", "--allow-missing")
+
+
+def push_outputs(root: Path, stage: str | None = None) -> None:
+    """Push one stage's outputs (or every output dvc.lock records) to the remote."""
+    _dvc_remote_command(root, "push", *([stage] if stage else []))
+
+
+def unpushed_outputs(root: Path) -> list[str]:
+    """Outputs dvc.lock records that the remote lacks or holds otherwise (`dvc status --cloud`); empty when clean."""
+    import json
+
+    status = json.loads(_dvc_remote_command(root, "status", "--cloud", "--json").stdout or "{}")
+    return sorted(f"{path} ({state})" for path, state in status.items())
+
+
 def with_git_identity(root: Path, env: dict[str, str]) -> dict[str, str]:
     """Experiment commits need an author; where git has none configured (a CI box), name the flow."""
     for key in ("name", "email"):

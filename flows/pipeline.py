@@ -28,15 +28,20 @@ from flows.dvc_project import (
     RESTORED,
     SKIPPED,
     SUMMARY_STAGE,
+    RemoteError,
     StageFailed,
     StageGraph,
     StageRun,
     is_git_repository,
     matching_experiment,
+    pull_outputs,
+    push_outputs,
     read_graph,
     run_stage,
     save_experiment,
     stage_environment,
+    unpushed_outputs,
+    use_remote,
 )
 from flows.params_file import extended_rounds, write_params
 from flows.reports import changed_params, eval_summary_rows, guard_warnings, read_scores, run_report_markdown
@@ -114,14 +119,20 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
     persist_result=False,
     retry_condition_fn=_retry_unless_bad_input,
 )
-def dvc_stage(project: str, name: str, may_have_changed: bool):
-    """One stage of dvc.yaml. The task run's state is named after the outcome: Ran, Skipped or Restored."""
+def dvc_stage(project: str, name: str, may_have_changed: bool, push: bool = False):
+    """One stage of dvc.yaml. The task run's state is named after the outcome: Ran, Skipped or Restored.
+
+    `push`: send the outputs of a stage that ran or was restored to `storage.remote` (a failed push fails the task).
+    """
     logger = get_run_logger()
     if not may_have_changed:
         logger.info("%s: dvc status shows no change and no stage it reads from ran; not started", name)
         return Completed(name=SKIPPED, message="nothing changed", data=StageRun(name, SKIPPED))
     run = run_stage(Path(project), name, on_line=lambda line: _forward(logger, line))
     logger.info("%s: %s in %.1f s", name, run.outcome, run.seconds)
+    if push and run.outcome != SKIPPED:
+        push_outputs(Path(project), name)
+        logger.info("%s: outputs pushed to storage.remote", name)
     return Completed(name=run.outcome, message=f"{run.outcome} in {run.seconds:.1f} s", data=run)
 
 
@@ -138,7 +149,8 @@ def run_stages(root: Path, graph: StageGraph, params: Params) -> tuple[list[Stag
     for name in graph.order:
         started = time.perf_counter()
         may_have_changed = name in graph.changed or bool(graph.upstream[name] & executed)
-        state = stage_task(str(root), name, may_have_changed, return_state=True)
+        push = params.storage.remote is not None
+        state = stage_task(str(root), name, may_have_changed, push, return_state=True)
         if state.is_failed() or state.is_crashed():
             error = state.result(raise_on_failure=False)
             runs.append(StageRun(name, "Failed", time.perf_counter() - started))
@@ -150,6 +162,16 @@ def run_stages(root: Path, graph: StageGraph, params: Params) -> tuple[list[Stag
         if run.outcome != SKIPPED:
             executed.add(name)
     return runs, None
+
+
+def _check_pushed(root: Path) -> str:
+    """Push whatever the remote still lacks (stages that were skipped here), then require `dvc status --cloud`
+    clean: the run is not done until another machine can pull all of it."""
+    push_outputs(root)
+    missing = unpushed_outputs(root)
+    if missing:
+        raise RemoteError(f"storage.remote still lacks after the push: {', '.join(missing[:10])}")
+    return "Every output dvc.lock records is in storage.remote (`dvc status --cloud` clean)."
 
 
 def _metrics(root: Path, graph: StageGraph) -> dict[str, Any]:
@@ -235,11 +257,18 @@ def sft_dpo(
     original = yaml.safe_load(params_path.read_text(encoding="utf-8"))
     plan = plan_run(params_path, overrides or {}, rounds, next_round)
     experiment, notes = None, []
+    remote = plan.params.storage.remote
     with params_applied(params_path, plan), warm_stages(stage_environment()):
+        if remote:
+            use_remote(root, remote)
+            pull_outputs(root)  # before reading the graph: what another machine pushed need not run here
+            logger.info("pulled what storage.remote holds of dvc.lock's outputs")
         graph = read_graph(root)
         summary_file = root / graph.metric_files[SUMMARY_STAGE][0]
         previous_scores = read_scores(summary_file)
         runs, failure = run_stages(root, graph, plan.params)
+        if failure is None and remote:
+            notes.append(_check_pushed(root))
         if failure is None:
             experiment, note = _record(root, graph)
             notes.append(note)

@@ -526,6 +526,15 @@ class ComputeParams(Section):
         return self
 
 
+class StorageParams(Section):
+    remote: str | None = None
+    """A DVC remote (a URL DVC understands: a shared folder, `s3://...`, `ssh://...`) that the Prefect flow
+    pulls what a run needs from before it starts, pushes each stage's outputs to when the stage completes, and
+    checks (`dvc status --cloud` clean) before it reports the run done; a failed push fails the run. It is
+    configured as the project's local default remote `sft-dpo` (`.dvc/config.local`), so a clone on another
+    machine with the same params reuses every output pushed there. No stage depends on it."""
+
+
 class Params(Section):
     data: DataParams
     """Input data and how it is validated and split."""
@@ -549,6 +558,8 @@ class Params(Section):
     """The Prefect flows (no stage reads these, so changing them re-runs nothing)."""
     compute: ComputeParams = ComputeParams()
     """How many processes the stages that can share their work run on, and how they are launched."""
+    storage: StorageParams = StorageParams()
+    """Where the flow shares outputs with other machines (a DVC remote)."""
 
     @model_validator(mode="after")
     def _quantization_needs_lora(self) -> Params:
