@@ -126,36 +126,34 @@ def sharded_params(pipeline: Path, folder: Path, processes: int) -> Path:
     return target
 
 
-def test_generate_on_two_processes_writes_the_samples_one_process_writes(pipeline, tmp_path):
-    outs = {}
-    for processes in (1, 2):
-        outs[processes] = tmp_path / f"generations_{processes}.jsonl"
-        log = run_stage(
-            pipeline, "tasks.generate", "--params", str(sharded_params(pipeline, tmp_path, processes)),
-            "--policy", str(pipeline / "models/policies/sft"),
-            "--prompts", str(pipeline / "data/rounds/r1/prompts.jsonl"),
-            "--out", str(outs[processes]), "--checkpoints", str(tmp_path / f"checkpoints_{processes}"),
-            "--metrics", str(tmp_path / f"generate_{processes}.json"),
-        ).stdout  # fmt: skip
+def test_generate_on_two_processes_writes_the_samples_one_process_wrote(pipeline, tmp_path):
+    """Against the micro pipeline's own round-1 samples (one process, the same params)."""
+    out = tmp_path / "generations.jsonl"
+    log = run_stage(
+        pipeline, "tasks.generate", "--params", str(sharded_params(pipeline, tmp_path, 2)),
+        "--policy", str(pipeline / "models/policies/sft"),
+        "--prompts", str(pipeline / "data/rounds/r1/prompts.jsonl"),
+        "--out", str(out), "--checkpoints", str(tmp_path / "checkpoints"),
+        "--metrics", str(tmp_path / "generate.json"),
+    ).stdout  # fmt: skip
     assert "--nproc_per_node=2" in log and log.count(" responses to ") == 1
-    assert outs[2].read_bytes() == outs[1].read_bytes()
-    assert outs[1].read_bytes() == (pipeline / "data/rounds/r1/generations.jsonl").read_bytes()
+    assert out.read_bytes() == (pipeline / "data/rounds/r1/generations.jsonl").read_bytes()
 
 
-def test_reference_logps_on_two_processes_are_the_ones_one_process_writes(pipeline, tmp_path):
-    for processes in (1, 2):
-        run_stage(
-            pipeline, "tasks.reference_logps", "--params", str(sharded_params(pipeline, tmp_path, processes)),
-            "--round", "r1", "--sft-policy", str(pipeline / "models/policies/sft"),
-            "--previous-policy", str(pipeline / "models/policies/sft"),
-            "--pairs", str(pipeline / "data/prepared/pairs/r1.jsonl"),
-            "--eval-pairs", str(pipeline / "data/prepared/eval_pairs.jsonl"),
-            "--out", str(tmp_path / f"reference_logps_{processes}"),
-        )  # fmt: skip
+def test_reference_logps_on_two_processes_are_the_ones_one_process_wrote(pipeline, tmp_path):
+    """Against the micro pipeline's own round-1 reference log-probs (one process, the same params)."""
+    log = run_stage(
+        pipeline, "tasks.reference_logps", "--params", str(sharded_params(pipeline, tmp_path, 2)),
+        "--round", "r1", "--sft-policy", str(pipeline / "models/policies/sft"),
+        "--previous-policy", str(pipeline / "models/policies/sft"),
+        "--pairs", str(pipeline / "data/prepared/pairs/r1.jsonl"),
+        "--eval-pairs", str(pipeline / "data/prepared/eval_pairs.jsonl"),
+        "--out", str(tmp_path / "reference_logps"),
+    ).stdout  # fmt: skip
+    assert "--nproc_per_node=2" in log
     for split in ("train.jsonl", "eval.jsonl"):
-        two, one = (tmp_path / f"reference_logps_{n}" / split for n in (2, 1))
-        assert two.read_bytes() == one.read_bytes(), split
-        assert one.read_bytes() == (pipeline / "models/reference_logps/r1" / split).read_bytes()
+        written = (tmp_path / "reference_logps" / split).read_bytes()
+        assert written == (pipeline / "models/reference_logps/r1" / split).read_bytes(), split
 
 
 def test_launch_commands_and_the_shipped_accelerate_configs():
