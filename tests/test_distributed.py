@@ -75,6 +75,7 @@ def train_sft(pipeline: Path, inputs: Path, tmp_path: Path, processes: int) -> t
         pipeline, "tasks.sft", "--params", str(params), "--base", str(pipeline / "models/base"),
         "--train", str(inputs / "sft_train.jsonl"), "--heldout", str(inputs / "sft_heldout.jsonl"),
         "--out", str(out), "--checkpoints", str(tmp_path / f"checkpoints_sft_{processes}"),
+        "--logs", str(tmp_path / f"logs_sft_{processes}"),
         "--plots", str(tmp_path / f"plots_sft_{processes}.json"), "--metrics", str(tmp_path / f"sft_{processes}.json"),
     )  # fmt: skip
     return out, result.stdout
@@ -107,6 +108,7 @@ def test_dpo_on_two_processes_averages_gradients_like_one_process_with_the_same_
             pipeline, "tasks.dpo", "--params", str(params), "--round", "r1",
             "--policy", str(pipeline / "models/policies/sft"), "--reference-logps", str(inputs / "reference_logps"),
             "--out", str(outs[processes]), "--checkpoints", str(tmp_path / f"checkpoints_dpo_{processes}"),
+            "--logs", str(tmp_path / f"logs_dpo_{processes}"),
             "--plots", str(tmp_path / f"plots_dpo_{processes}.json"),
             "--metrics", str(tmp_path / f"dpo_{processes}.json"),
         ).stdout  # fmt: skip
@@ -158,15 +160,19 @@ def test_reference_logps_on_two_processes_are_the_ones_one_process_wrote(pipelin
 
 def test_launch_commands_and_the_shipped_accelerate_configs():
     from accelerate.commands.config.config_args import load_config_from_file
+    from torch.distributed.run import get_args_parser
 
     from tasks.lib.distributed import launch_command
     from tasks.lib.errors import SettingError
     from tasks.lib.schema import ComputeParams
 
-    torchrun = launch_command(ComputeParams(processes=2), 2, "tasks.sft", ["--params", "p.yaml"])
-    assert torchrun[1:] == [
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tasks.sft", "--params", "p.yaml"
-    ]  # fmt: skip
+    torchrun = launch_command(ComputeParams(processes=2), 2, "tasks.sft", ["--logs", "logs/sft", "--params", "p.yaml"])
+    assert torchrun[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    parsed = get_args_parser().parse_args(torchrun[3:])  # torchrun's own parser: `--logs` is the stage's
+    assert (parsed.training_script, parsed.training_script_args) == (
+        "tasks.sft",
+        ["--logs", "logs/sft", "--params", "p.yaml"],
+    )
     kinds = {}
     for config in sorted(ROOT.glob("configs/accelerate/*.yaml")):
         kinds[config.stem] = str(load_config_from_file(str(config)).distributed_type)

@@ -50,7 +50,8 @@ def launch_command(compute: ComputeParams, processes: int, module: str, argument
             raise SettingError(f"compute.accelerate_config {compute.accelerate_config}: no such file")
         launcher = ["accelerate.commands.launch", "--config_file", str(compute.accelerate_config)]
         launcher += ["--num_processes", str(processes)]
-    return [sys.executable, "-m", *launcher, "-m", module, *arguments]
+    # `--`: the launchers' parsers would otherwise read a stage flag as an abbreviation of theirs (`--logs`).
+    return [sys.executable, "-m", *launcher, "-m", "--", module, *arguments]
 
 
 def relaunch_if_distributed(compute: ComputeParams, module: str, arguments: list[str]) -> None:
