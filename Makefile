@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3 bench-stages bench-sweep bench-peer sweep
+.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3 bench-stages bench-sweep bench-peer bench-scale sweep
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -121,6 +121,10 @@ sweep: $(STAMP)
 # A 3-point beta sweep of round 1 as DVC experiments vs three plain TRL runs (medians of alternating repeats).
 bench-sweep: $(STAMP)
 	$(BIN)/python benchmarks/sweep.py $(ARGS)
+
+# sft and dpo@r1 on 1 vs 2 processes (same global batch), and push/pull through a local DVC remote.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/scale.py $(ARGS)
 
 # The demo's pipeline vs the same work as one plain transformers/TRL/lm-eval script (ARGS='--cold' adds plain dvc repro).
 bench-peer: $(STAMP)

@@ -258,7 +258,7 @@ def sft_dpo(
     plan = plan_run(params_path, overrides or {}, rounds, next_round)
     experiment, notes = None, []
     remote = plan.params.storage.remote
-    with params_applied(params_path, plan), warm_stages(stage_environment()):
+    with params_applied(params_path, plan):
         if remote:
             use_remote(root, remote)
             pull_outputs(root)  # before reading the graph: what another machine pushed need not run here
@@ -266,7 +266,9 @@ def sft_dpo(
         graph = read_graph(root)
         summary_file = root / graph.metric_files[SUMMARY_STAGE][0]
         previous_scores = read_scores(summary_file)
-        runs, failure = run_stages(root, graph, plan.params)
+        # A warm server only when a stage will run (its imports cost seconds of a core).
+        with warm_stages(stage_environment()) if graph.changed else contextlib.nullcontext():
+            runs, failure = run_stages(root, graph, plan.params)
         if failure is None and remote:
             notes.append(_check_pushed(root))
         if failure is None:

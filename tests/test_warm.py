@@ -140,3 +140,18 @@ def test_the_wrapper_runs_a_command_with_a_server_and_returns_its_status(probe_d
     result = subprocess.run(wrapped, cwd=probe_dir, env=base_env(), capture_output=True, text=True, timeout=180)
     assert result.returncode == 2, result.stderr
     assert json.loads((probe_dir / "wrapped.json").read_text())["preloaded"]
+
+
+def test_a_server_already_named_is_reused_not_started_again(server, monkeypatch):
+    from tasks.lib.warm import warm_stages
+
+    monkeypatch.setenv(WARM_ENV, server)
+    with warm_stages() as path:
+        assert str(path) == server
+    assert os.environ[WARM_ENV] == server
+
+
+def test_unbuffered_output_is_honoured_and_does_not_refuse_the_stage(probe_dir, server):
+    result, report = run_probe(probe_dir, "report", {**base_env(), WARM_ENV: server, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0 and report["preloaded"], result.stderr
+    assert "probe says hi" in result.stdout

@@ -72,8 +72,14 @@ _STARTUP_ENV: dict[str, str] = {}
 """The server's environment before the preload (libraries add variables when imported)."""
 
 
+RUN_TIME_ENV = ("PYTHONUNBUFFERED",)
+"""Matching a prefix above but read when the stage runs, not at import: honoured by the child (its streams)."""
+
+
 def _significant_env(env: dict[str, str]) -> dict[str, str]:
-    return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_ENV_PREFIXES)}
+    return {
+        key: value for key, value in env.items() if key.startswith(IMPORT_TIME_ENV_PREFIXES) and key not in RUN_TIME_ENV
+    }
 
 
 def _added_by_imports() -> dict[str, str]:
@@ -100,10 +106,16 @@ def _send(connection: socket.socket, message: dict) -> None:
     connection.sendall(json.dumps(message).encode() + b"\n")
 
 
-def _text_stream(fd: int, mode: str):
-    """A standard stream on a received descriptor, buffered as Python buffers a fresh process's."""
-    buffering = 1 if mode == "w" and (fd == 2 or os.isatty(fd)) else -1
-    return open(fd, mode, buffering=buffering, encoding="utf-8", errors="backslashreplace", closefd=False)
+def _text_stream(fd: int, mode: str, unbuffered: bool = False):
+    """A standard stream on a received descriptor, buffered as Python buffers a fresh process's (`PYTHONUNBUFFERED`:
+    every write goes straight through)."""
+    line_buffered = mode == "w" and (unbuffered or fd == 2 or os.isatty(fd))
+    stream = open(  # noqa: SIM115  (the process's standard stream: open until it exits)
+        fd, mode, buffering=1 if line_buffered else -1, encoding="utf-8", errors="backslashreplace", closefd=False
+    )
+    if mode == "w" and unbuffered:
+        stream.reconfigure(write_through=True)
+    return stream
 
 
 def _run_child(request: dict, fds: list[int]) -> None:
@@ -118,7 +130,9 @@ def _run_child(request: dict, fds: list[int]) -> None:
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
-    sys.stdin, sys.stdout, sys.stderr = _text_stream(0, "r"), _text_stream(1, "w"), _text_stream(2, "w")
+    unbuffered = bool(request["env"].get("PYTHONUNBUFFERED"))
+    sys.stdin = _text_stream(0, "r")
+    sys.stdout, sys.stderr = _text_stream(1, "w", unbuffered), _text_stream(2, "w", unbuffered)
     os.chdir(request["cwd"])
     added = _added_by_imports()
     os.environ.clear()
@@ -287,8 +301,14 @@ def start_server(path: Path, env: dict[str, str] | None = None) -> Iterator[Path
 @contextlib.contextmanager
 def warm_stages(env: dict[str, str] | None = None) -> Iterator[Path]:
     """For the duration, `SFT_DPO_WARM` in this process's environment names a warm server started with `env`
-    (default: this process's): stage processes started meanwhile with that environment start warm."""
+    (default: this process's): stage processes started meanwhile with that environment start warm.
+
+    A server this process already names (an outer `python -m tasks.lib.warm --`, the test session's) is reused.
+    """
     previous = os.environ.get(WARM_ENV)
+    if previous and Path(previous).exists():
+        yield Path(previous)
+        return
     with tempfile.TemporaryDirectory(prefix="sftdpo-warm-") as scratch, start_server(Path(scratch) / "s", env) as path:
         os.environ[WARM_ENV] = str(path)
         try:
