@@ -250,7 +250,9 @@ def claim_checkpoint_dir(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> b
         return True
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True)
-    stamp.write_text(json.dumps(fingerprint, sort_keys=True))
+    partial = stamp.with_name(stamp.name + ".partial")  # other processes poll the stamp: it appears whole
+    partial.write_text(json.dumps(fingerprint, sort_keys=True))
+    os.replace(partial, stamp)
     return False
 
 
