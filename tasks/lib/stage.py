@@ -98,8 +98,6 @@ def _hand_off_if_warm(work: Callable[..., Any], params: Params) -> None:
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     if work.__module__ != "__main__" or spec is None or not os.environ.get(warm.WARM_ENV):
         return  # called from Python, run as a file path, or no server: the stage runs here
-    if distributed.world_size() > 1:
-        return  # one of a launcher's processes: it watches this process, which stays the one doing the work
     needs_kept_out = params.model.quantization != "none" or bool({"wandb", "mlflow"} & set(params.tracking.report_to))
     warm.hand_off(spec.name, needs_kept_out)
 

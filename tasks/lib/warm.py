@@ -72,13 +72,16 @@ _STARTUP_ENV: dict[str, str] = {}
 """The server's environment before the preload (libraries add variables when imported)."""
 
 
-RUN_TIME_ENV = ("PYTHONUNBUFFERED",)
-"""Matching a prefix above but read when the stage runs, not at import: honoured by the child (its streams)."""
+RUN_TIME_ENV = ("PYTHONUNBUFFERED", "TORCHELASTIC_", "TORCH_NCCL_")
+"""Matching a prefix above but read when the stage runs, not at import: the child's streams, torchrun's worker
+bookkeeping (read when the process group is set up)."""
 
 
 def _significant_env(env: dict[str, str]) -> dict[str, str]:
     return {
-        key: value for key, value in env.items() if key.startswith(IMPORT_TIME_ENV_PREFIXES) and key not in RUN_TIME_ENV
+        key: value
+        for key, value in env.items()
+        if key.startswith(IMPORT_TIME_ENV_PREFIXES) and not key.startswith(RUN_TIME_ENV)
     }
 
 
