@@ -56,6 +56,16 @@ def clone(target: Path, cache: Path) -> Path:
     return target
 
 
+def timed_run(command: list[str], project: Path, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of `command` in `project` (environment: `environment(project)`); exits with its output if it
+    fails."""
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=project, env=env or environment(project), capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
 def make_offline(project: Path, pairs: int) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["dpo"]["rounds"] = {"r1": params["dpo"]["rounds"]["r1"]}

@@ -18,31 +18,21 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onpolicy import clone, environment  # noqa: E402  (the clean-clone helpers)
+from onpolicy import clone, timed_run  # noqa: E402  (the clean-clone helpers)
 
 PLAIN = Path(__file__).resolve().with_name("plain_pipeline.py")
 DVC = [sys.executable, "-m", "dvc"]
 
 
-def run(command: list[str], project: Path) -> float:
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=project, env=environment(project), capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - started
-
-
 def prepared(folder: Path) -> Path:
     """A clean clone with an empty DVC cache where the inputs (`base`, `prepare`) are built."""
     project = clone(folder / "project", folder / "cache")
-    run([*DVC, "repro", "prepare"], project)
+    timed_run([*DVC, "repro", "prepare"], project)
     return project
 
 
@@ -50,14 +40,14 @@ def pipeline_arm(scratch: Path, name: str, warm: bool) -> float:
     folder = scratch / name
     project = prepared(folder)
     repro = [*DVC, "repro"]
-    wall = run([sys.executable, "-m", "tasks.lib.warm", "--", *repro] if warm else repro, project)
+    wall = timed_run([sys.executable, "-m", "tasks.lib.warm", "--", *repro] if warm else repro, project)
     shutil.rmtree(folder)
     return wall
 
 
 def plain_arm(inputs: Path, scratch: Path) -> float:
     out = scratch / "plain-out"
-    wall = run([sys.executable, str(PLAIN), "--project", str(inputs), "--out", str(out)], inputs)
+    wall = timed_run([sys.executable, str(PLAIN), "--project", str(inputs), "--out", str(out)], inputs)
     shutil.rmtree(out)
     return wall
 

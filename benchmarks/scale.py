@@ -15,29 +15,19 @@ import argparse
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onpolicy import clone, environment  # noqa: E402  (the clean-clone helpers)
+from onpolicy import clone, timed_run  # noqa: E402  (the clean-clone helpers)
 
 DVC = [sys.executable, "-m", "dvc"]
 STAGES = {"sft": "sft", "dpo@r1": "dpo"}
 """Stage -> its params section."""
 REDIRECTED = ("--out", "--checkpoints", "--logs", "--plots", "--metrics")
-
-
-def run(command: list[str], project: Path) -> float:
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=project, env=environment(project), capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - started
 
 
 def stage_command(project: Path, stage: str, params: Path, scratch: Path) -> list[str]:
@@ -79,14 +69,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sftdpo-bench-scale-") as scratch:
         scratch = Path(scratch)
         project = clone(scratch / "project", scratch / "cache")
-        run([sys.executable, "-m", "tasks.lib.warm", "--", *DVC, "repro", "reference_logps@r1"], project)
+        timed_run([sys.executable, "-m", "tasks.lib.warm", "--", *DVC, "repro", "reference_logps@r1"], project)
         walls: dict[tuple[str, int], list[float]] = {}
         for repeat in range(args.repeats):
             for processes in (1, 2) if repeat % 2 == 0 else (2, 1):
                 for stage, section in STAGES.items():
                     out = scratch / f"run-{stage}-{processes}-{repeat}"
                     command = stage_command(project, stage, params_for(project, section, processes, scratch), out)
-                    wall = run(command, project)
+                    wall = timed_run(command, project)
                     walls.setdefault((stage, processes), []).append(wall)
                     shutil.rmtree(out)
                     print(f"repeat {repeat + 1}: {stage} on {processes} process(es) {wall:.1f} s", flush=True)
@@ -97,11 +87,11 @@ def main() -> None:
             print(f"{stage:7} {processes} process(es): {wall:6.1f} s, {rows / wall:6.1f} training rows/s")
 
         remote = scratch / "remote"
-        run([*DVC, "remote", "add", "--local", "-d", "bench", str(remote)], project)
-        push = run([*DVC, "push"], project)
+        timed_run([*DVC, "remote", "add", "--local", "-d", "bench", str(remote)], project)
+        push = timed_run([*DVC, "push"], project)
         other = clone(scratch / "other", scratch / "other-cache")
-        run([*DVC, "remote", "add", "--local", "-d", "bench", str(remote)], other)
-        pull = run([*DVC, "pull", "--allow-missing"], other)
+        timed_run([*DVC, "remote", "add", "--local", "-d", "bench", str(remote)], other)
+        pull = timed_run([*DVC, "pull", "--allow-missing"], other)
         moved = size_of(remote) / 1e6
         print(f"\nlocal-folder remote, {moved:.1f} MB of outputs: dvc push {push:.1f} s, ", end="")
         print(f"dvc pull into a fresh clone {pull:.1f} s")

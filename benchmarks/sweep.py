@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onpolicy import clone, environment  # noqa: E402  (the clean-clone helpers)
+from onpolicy import clone, environment, timed_run  # noqa: E402  (the clean-clone helpers)
 
 PLAIN = Path(__file__).resolve().with_name("plain_trl_round.py")
 
@@ -41,40 +40,23 @@ def _cold_env(project: Path) -> dict[str, str]:
     return env
 
 
-def _warm_env() -> dict[str, str]:
-    import os
-
-    from tasks.lib.warm import WARM_ENV
-
-    return {WARM_ENV: os.environ[WARM_ENV]} if WARM_ENV in os.environ else {}
-
-
-def run(command: list[str], project: Path, env: dict[str, str] | None = None) -> float:
-    """Wall seconds of `command` in `project`; `env` defaults to the benchmark's (with the warm server when one is
-    up)."""
-    env = env if env is not None else {**environment(project), **_warm_env()}
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - started
-
-
 def prepared_project(scratch: Path) -> Path:
     project = clone(scratch / "project", scratch / "cache")
     dvc = [sys.executable, "-m", "dvc"]
-    run([*dvc, "repro", "pairs@r1"], project)
-    run(["git", "add", "-A"], project)
-    run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "round 1 pairs"], project)
+    timed_run([*dvc, "repro", "pairs@r1"], project)
+    timed_run(["git", "add", "-A"], project)
+    timed_run(
+        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "round 1 pairs"], project
+    )
     return project
 
 
 def pipeline_arm(project: Path, betas: str, cache: Path) -> float:
     shutil.rmtree(cache / "runs", ignore_errors=True)  # each repeat computes the reference log-probs once
     started = time.perf_counter()
-    run([sys.executable, "-m", "flows.sweep", f"dpo.loss.beta={betas}", "--target", "dpo@r1"], project)
+    timed_run([sys.executable, "-m", "flows.sweep", f"dpo.loss.beta={betas}", "--target", "dpo@r1"], project)
     wall = time.perf_counter() - started
-    run([sys.executable, "-m", "dvc", "exp", "remove", "--all-commits"], project)
+    timed_run([sys.executable, "-m", "dvc", "exp", "remove", "--all-commits"], project)
     return wall
 
 
@@ -82,7 +64,7 @@ def plain_arm(project: Path, betas: str, scratch: Path) -> float:
     started = time.perf_counter()
     for beta in betas.split(","):
         out = scratch / f"plain-{beta}"
-        run([sys.executable, str(PLAIN), "--project", str(project), "--beta", beta, "--out", str(out)], project)
+        timed_run([sys.executable, str(PLAIN), "--project", str(project), "--beta", beta, "--out", str(out)], project)
         shutil.rmtree(out)
     return time.perf_counter() - started
 
@@ -104,20 +86,20 @@ def round_arms(project: Path, scratch: Path, repeats: int) -> dict[str, list[flo
 
     from tasks.lib.warm import warm_stages
 
-    run([sys.executable, "-m", "dvc", "repro", "dpo@r1"], project)  # the stages' inputs and dvc.lock entries
+    timed_run([sys.executable, "-m", "dvc", "repro", "dpo@r1"], project)  # the stages' inputs and dvc.lock entries
     commands = stage_commands(project, ("reference_logps@r1", "dpo@r1"))
     beta = str(yaml.safe_load((project / "params.yaml").read_text())["dpo"]["loss"]["beta"])
     arms = ("pipeline", "pipeline-warm", "plain")
     walls: dict[str, list[float]] = {arm: [] for arm in arms}
     with warm_stages(environment(project)):
-        run(commands[0], project)  # the server has finished importing before anything is timed
+        timed_run(commands[0], project)  # the server has finished importing before anything is timed
         for repeat in range(repeats):
             for arm in arms if repeat % 2 == 0 else arms[::-1]:
                 if arm == "plain":
                     wall = plain_arm(project, beta, scratch)
                 else:
                     env = _cold_env(project) if arm == "pipeline" else None
-                    wall = sum(run(command, project, env) for command in commands)
+                    wall = sum(timed_run(command, project, env) for command in commands)
                 walls[arm].append(wall)
                 print(f"round, repeat {repeat + 1}: {arm} {wall:.1f} s", flush=True)
     return walls
@@ -147,7 +129,7 @@ def main() -> None:
             return
         # The sweep starts from the committed round-1 pairs: DVC stages dvc.lock as it writes it (core.autostage),
         # so the index is reset too, or the experiments would find the round's reference log-probs and training done.
-        run(["git", "reset", "-q", "--hard"], project)
+        timed_run(["git", "reset", "-q", "--hard"], project)
         for repeat in range(args.repeats):
             arms = ("pipeline", "plain") if repeat % 2 == 0 else ("plain", "pipeline")
             for arm in arms:

@@ -43,19 +43,20 @@ def inputs(pipeline, tmp_path_factory) -> Path:
     return folder
 
 
-def params_file(pipeline: Path, folder: Path, processes: int, section: str, **changes) -> Path:
-    """The micro params with `processes` processes, `section`.train full-batch over the 8 rows, and `changes`."""
+def params_file(pipeline: Path, folder: Path, processes: int, section: str | None = None, **changes) -> Path:
+    """The micro params on `processes` processes; `section`'s training full-batch over the 8 rows; `changes`."""
     params = read_params(pipeline)
     params["compute"]["processes"] = processes
-    params[section]["train"].update(batch_size=ROWS // processes, epochs=3, warmup_ratio=0.0, logging_steps=1)
-    params["tracking"]["report_to"] = []
+    if section is not None:
+        params[section]["train"].update(batch_size=ROWS // processes, epochs=3, warmup_ratio=0.0, logging_steps=1)
+        params["tracking"]["report_to"] = []
     for dotted, value in changes.items():
         *parents, leaf = dotted.split(".")
         node = params
         for part in parents:
             node = node[part]
         node[leaf] = value
-    target = folder / f"params_{section}_{processes}.yaml"
+    target = folder / f"params_{section or 'micro'}_{processes}.yaml"
     target.write_text(yaml.safe_dump(params, sort_keys=False))
     return target
 
@@ -120,19 +121,11 @@ def test_dpo_on_two_processes_averages_gradients_like_one_process_with_the_same_
     assert max_difference(adapters[2], adapters[1]) < 1e-5
 
 
-def sharded_params(pipeline: Path, folder: Path, processes: int) -> Path:
-    params = read_params(pipeline)
-    params["compute"]["processes"] = processes
-    target = folder / f"params_{processes}.yaml"
-    target.write_text(yaml.safe_dump(params, sort_keys=False))
-    return target
-
-
 def test_generate_on_two_processes_writes_the_samples_one_process_wrote(pipeline, tmp_path):
     """Against the micro pipeline's own round-1 samples (one process, the same params)."""
     out = tmp_path / "generations.jsonl"
     log = run_stage(
-        pipeline, "tasks.generate", "--params", str(sharded_params(pipeline, tmp_path, 2)),
+        pipeline, "tasks.generate", "--params", str(params_file(pipeline, tmp_path, 2)),
         "--policy", str(pipeline / "models/policies/sft"),
         "--prompts", str(pipeline / "data/rounds/r1/prompts.jsonl"),
         "--out", str(out), "--checkpoints", str(tmp_path / "checkpoints"),
@@ -145,7 +138,7 @@ def test_generate_on_two_processes_writes_the_samples_one_process_wrote(pipeline
 def test_reference_logps_on_two_processes_are_the_ones_one_process_wrote(pipeline, tmp_path):
     """Against the micro pipeline's own round-1 reference log-probs (one process, the same params)."""
     log = run_stage(
-        pipeline, "tasks.reference_logps", "--params", str(sharded_params(pipeline, tmp_path, 2)),
+        pipeline, "tasks.reference_logps", "--params", str(params_file(pipeline, tmp_path, 2)),
         "--round", "r1", "--sft-policy", str(pipeline / "models/policies/sft"),
         "--previous-policy", str(pipeline / "models/policies/sft"),
         "--pairs", str(pipeline / "data/prepared/pairs/r1.jsonl"),

@@ -4,8 +4,8 @@ A stage command stays one line in dvc.yaml (`python -m tasks.sft ...`). When `co
 one process, `stage_main` re-executes that same command under `torchrun --standalone --nproc_per_node N` or
 `accelerate launch --num_processes N` and exits with its status; the launcher sets `RANK`, `WORLD_SIZE` and
 `LOCAL_RANK` in each process, which is how a process knows it is one of several (and does not launch again).
-Trainers pick the process group up themselves (transformers/accelerate: NCCL on GPUs, gloo on a CPU); stages that
-shard rows use `shard()` and `gather()` below. Only rank 0 writes a stage's outputs.
+Trainers pick the process group up themselves (transformers/accelerate: NCCL on GPUs, gloo on a CPU); `generate`
+joins it with `ensure_process_group()` and deals its batches by rank. Only rank 0 writes a stage's outputs.
 """
 
 from __future__ import annotations
@@ -17,14 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.lib.errors import SettingError
-from tasks.lib.schema import ComputeParams
+from tasks.lib.schema import DISTRIBUTED_STAGES, ComputeParams
 
-STAGE_KINDS = {
-    "tasks.sft": "sft",
-    "tasks.dpo": "dpo",
-    "tasks.reference_logps": "reference_logps",
-    "tasks.generate": "generate",
-}
+STAGE_KINDS = {f"tasks.{kind}": kind for kind in DISTRIBUTED_STAGES}
 """The stage modules that can share their work, by kind (`compute.stage_processes` keys)."""
 
 
@@ -86,25 +81,6 @@ def ensure_process_group() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
-def shard(items: list[Any]) -> list[tuple[int, Any]]:
-    """This process's share of `items`, as (index, item): every `world_size()`-th one, starting at `rank()`."""
-    return [(index, item) for index, item in enumerate(items) if index % world_size() == rank()]
-
-
-def gather(pieces: list[tuple[int, Any]]) -> list[Any] | None:
-    """Every process's (index, item) pieces, in index order, on rank 0 (None elsewhere); this process's alone when
-    it is the only one."""
-    if world_size() == 1:
-        return [item for _, item in sorted(pieces, key=lambda piece: piece[0])]
-    import torch.distributed as dist
-
-    everyone: list[Any] = [None] * world_size() if is_main() else []
-    dist.gather_object(pieces, everyone if is_main() else None, dst=0)
-    if not is_main():
-        return None
-    return [item for _, item in sorted((piece for part in everyone for piece in part), key=lambda piece: piece[0])]
 
 
 def check_replicas_agree(model) -> str | None:
