@@ -16,18 +16,23 @@ the run's judge (`onpolicy.judge`), with their length in tokens. From them the s
 - `win_rate_vs_<other>` (with `--versus-sft` / `--versus-previous`, the other model's answers): its
   judged win rate on the same prompts (ties half), `..._ci_low`/`..._ci_high` (95 % bootstrap),
   `lc_win_rate_vs_<other>` (length-controlled, see tasks/lib/stats.py) and `..._prompts`.
+
+On several processes (`compute.processes`) lm-eval runs in its data-parallel mode: its evaluator deals the
+requests by rank and gathers them on rank 0, which scores the answers, estimates the KL and writes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from tasks.lib.chat import adds_special_tokens, last_content, render, response_text
+from tasks.lib.distributed import ensure_process_group, is_main, rank, world_size
 from tasks.lib.errors import DataError, SettingError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.judges import open_judge
@@ -99,8 +104,11 @@ def open_lm(params: Params, model: Path, add_bos_token: bool = False):
     """
     from lm_eval.api.registry import get_model
 
+    ensure_process_group()
+    if world_size() > 1 and not has_cuda():
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # else accelerate ignores the launcher's CPU processes
     with phase("load"):
-        return get_model("hf").create_from_arg_obj(
+        lm = get_model("hf").create_from_arg_obj(
             {
                 "pretrained": str(model),
                 "dtype": params.model.dtype,
@@ -109,6 +117,11 @@ def open_lm(params: Params, model: Path, add_bos_token: bool = False):
             },
             {"batch_size": params.eval.batch_size, "device": "cuda" if has_cuda() else "cpu"},
         )
+    if world_size() > 1 and lm.world_size == 1:
+        # lm-eval's `hf` model turns its data-parallel mode on only with more than one GPU; on CPU processes it
+        # holds the launcher's accelerator but calls itself rank 0 of 1, so every process would do all the work.
+        lm._rank, lm._world_size = rank(), world_size()
+    return lm
 
 
 def greedy_answers(params: Params, generation_samples: list[dict], tokenizer) -> list[dict]:
@@ -257,6 +270,8 @@ def evaluate_model(
     with tempfile.TemporaryDirectory() as scratch:
         specs = [project_task_spec(params, task, documents, tokenizer, Path(scratch)) for task in own]
         evaluation = run_lm_eval(params, lm, specs + [load_yaml(path) for path in files], named)
+    if not is_main():
+        return {}  # lm-eval gathered everything on rank 0, which writes
     results = evaluation["results"]
     scores: dict[str, Any] = {
         name: results[task][f"{metric},none"]

@@ -1,7 +1,8 @@
 """Stage `judge@<round>`: score every sampled response with the judge `onpolicy.judge` names.
 
-The judges (`rule`, `reward_model`, `function`) are in `tasks/lib/judges.py`. The scores are written
-beside the samples, with the judge's identity (and content hashes of its code or weights) in the
+The judges (`rule`, `reward_model`, `function`) are in `tasks/lib/judges.py`. On several processes
+(`compute.processes`) the responses are scored in batches dealt by rank, and rank 0 writes what one process would.
+The scores are written beside the samples, with the judge's identity (and content hashes of its code or weights) in the
 round's metrics.
 """
 
@@ -11,6 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from tasks.lib.distributed import ensure_process_group, map_batches
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
 from tasks.lib.judges import RuleJudge, open_judge
 from tasks.lib.schema import Params
@@ -28,10 +30,19 @@ def judge_round(params: Params, generations: Path, policy: Path, out: Path, metr
         metrics: the stage's metrics (judge identity, score summary)
     """
     rows = load_records(generations)
+    ensure_process_group()  # before the judge loads: on GPUs each process takes its own
     judge = open_judge(params, policy)
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
     responses = [text for row in rows for text in row["responses"]]
-    scores = iter(judge.score(prompts, responses))
+    # On several processes each scores every world_size-th batch of the judge's batch size; rank 0 writes.
+    flat_scores = map_batches(
+        lambda batch: judge.score([prompt for prompt, _ in batch], [response for _, response in batch]),
+        list(zip(prompts, responses, strict=True)),
+        params.onpolicy.judge.batch_size,
+    )
+    if flat_scores is None:
+        return {}
+    scores = iter(flat_scores)
     scored = [
         {**row, "scores": [next(scores) for _ in row["responses"]], "judge": judge.identity["kind"]} for row in rows
     ]

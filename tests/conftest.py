@@ -183,6 +183,27 @@ stages:
 """
 
 
+def tiny_reward_model(policy: Path, out: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        num_labels=1,
+        pad_token_id=2,
+    )  # deliberately not the tokenizer's pad (0): the judge must align them
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def make_shell_project(folder: Path, dag: str) -> Path:
     """A git + DVC project whose dvc.yaml is `dag` (shell commands, no models) beside the real params.yaml."""
     shutil.copy(ROOT / "params.yaml", folder / "params.yaml")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, read_params
+from conftest import ROOT, read_json, read_params, tiny_reward_model
 
 ROWS = 8
 
@@ -149,6 +149,49 @@ def test_reference_logps_on_two_processes_are_the_ones_one_process_wrote(pipelin
     for split in ("train.jsonl", "eval.jsonl"):
         written = (tmp_path / "reference_logps" / split).read_bytes()
         assert written == (pipeline / "models/reference_logps/r1" / split).read_bytes(), split
+
+
+def test_judge_with_a_reward_model_on_two_processes_writes_the_scores_one_process_wrote(pipeline, tmp_path):
+    policy = pipeline / "models/policies/sft"
+    reward_model = tiny_reward_model(policy, tmp_path / "rm")
+    scored = {}
+    for processes in (1, 2):
+        params = params_file(
+            pipeline, tmp_path, processes,
+            **{"onpolicy.judge.kind": "reward_model", "onpolicy.judge.reward_model": str(reward_model),
+               "onpolicy.judge.batch_size": 3},
+        )  # fmt: skip
+        scored[processes] = tmp_path / f"scored_{processes}.jsonl"
+        log = run_stage(
+            pipeline, "tasks.judge", "--params", str(params),
+            "--generations", str(pipeline / "data/rounds/r1/generations.jsonl"), "--policy", str(policy),
+            "--out", str(scored[processes]), "--metrics", str(tmp_path / f"judge_{processes}.json"),
+        ).stdout  # fmt: skip
+        assert log.count("judge (reward_model)") == 1
+    assert "--nproc_per_node=2" in log
+    assert len(scored[1].read_text().splitlines()) > 3, "fewer rows than batches: the test proves nothing"
+    assert scored[2].read_bytes() == scored[1].read_bytes()
+    assert read_json(tmp_path / "judge_2.json") == read_json(tmp_path / "judge_1.json")
+
+
+def test_eval_on_two_processes_uses_lm_evals_data_parallel_mode_and_writes_what_one_process_wrote(pipeline, tmp_path):
+    """Against the micro pipeline's own SFT evaluation (one process, the same params)."""
+    result = run_stage(
+        pipeline, "tasks.evaluate", "--params", str(params_file(pipeline, tmp_path, 2)),
+        "--model", str(pipeline / "models/policies/sft"),
+        "--eval-pairs", str(pipeline / "data/prepared/eval_pairs.jsonl"),
+        "--sft-heldout", str(pipeline / "data/prepared/sft_heldout.jsonl"),
+        "--out", str(tmp_path / "sft.json"), "--answers-out", str(tmp_path / "sft.jsonl"),
+    )  # fmt: skip
+    assert "--nproc_per_node=2" in result.stdout and result.stdout.count("preference_accuracy") == 1
+    prompts = len((pipeline / "data/answers/sft.jsonl").read_text().splitlines())
+    share = f"Running generate_until requests: 100%|██████████| {prompts // 2}/{prompts // 2}"
+    assert prompts % 2 == 0 and share in result.stderr, "rank 0 did not get half of lm-eval's requests"
+    one = read_json(pipeline / "metrics/eval/sft.json")
+    two = read_json(tmp_path / "sft.json")
+    assert two.keys() == one.keys()
+    assert two == pytest.approx(one, abs=1e-6)
+    assert (tmp_path / "sft.jsonl").read_bytes() == (pipeline / "data/answers/sft.jsonl").read_bytes()
 
 
 def test_launch_commands_and_the_shipped_accelerate_configs():

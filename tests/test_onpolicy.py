@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import dvc, edit_params, project_env, read_json, read_params
+from conftest import dvc, edit_params, project_env, read_json, read_params, tiny_reward_model
 
 from flows.params_file import extended_rounds
 from tasks.gate import refusals
@@ -128,27 +128,6 @@ def test_generation_is_deterministic_under_a_seed_and_resumes_batch_by_batch(pip
     reseeded = load_params(pipeline / "params.yaml", {**two_prompts_a_batch, "onpolicy.generate.seed": 1})
     generate_round(reseeded, policy, prompts, tmp_path / "d.jsonl", tmp_path / "ckpt_a", tmp_path / "d.json")
     assert (tmp_path / "d.jsonl").read_text() != (tmp_path / "a.jsonl").read_text()
-
-
-def tiny_reward_model(policy: Path, out: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(policy)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        num_labels=1,
-        pad_token_id=2,
-    )  # deliberately not the tokenizer's pad (0): the judge must align them
-    LlamaForSequenceClassification(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def test_reward_model_judge_scores_with_a_local_sequence_classifier(pipeline, tmp_path):

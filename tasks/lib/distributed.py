@@ -13,13 +13,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tasks.lib.errors import SettingError
 from tasks.lib.schema import DISTRIBUTED_STAGES, ComputeParams
 
-STAGE_KINDS = {f"tasks.{kind}": kind for kind in DISTRIBUTED_STAGES}
+T = TypeVar("T")
+R = TypeVar("R")
+
+STAGE_KINDS = {("tasks.evaluate" if kind == "eval" else f"tasks.{kind}"): kind for kind in DISTRIBUTED_STAGES}
 """The stage modules that can share their work, by kind (`compute.stage_processes` keys)."""
 
 
@@ -81,6 +85,27 @@ def ensure_process_group() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def map_batches(function: Callable[[list[T]], list[R]], items: list[T], batch_size: int) -> list[R] | None:
+    """`function` over `items` in batches of `batch_size`, batch i on rank i mod world size; everything, in order, on
+    rank 0 and None on the others (one process: everything).
+
+    The batches are the same whatever the process count, so batch-wise results (padding included) are too.
+    """
+    batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+    mine = {index: function(batch) for index, batch in enumerate(batches) if index % world_size() == rank()}
+    if world_size() == 1:
+        return [result for index in range(len(batches)) for result in mine[index]]
+    import torch.distributed as dist
+
+    ensure_process_group()
+    everyone: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(mine, everyone, dst=0)
+    if everyone is None:
+        return None
+    merged = {index: results for part in everyone for index, results in part.items()}
+    return [result for index in range(len(batches)) for result in merged[index]]
 
 
 def check_replicas_agree(model) -> str | None:

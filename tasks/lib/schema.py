@@ -490,7 +490,7 @@ class TrackingParams(Section):
     """MLflow experiment the runs are logged under."""
 
 
-DISTRIBUTED_STAGES = ("sft", "dpo", "reference_logps", "generate")
+DISTRIBUTED_STAGES = ("sft", "dpo", "reference_logps", "generate", "judge", "eval")
 """Stage kinds that share their work across `compute.processes` processes; the others always run on one."""
 ACCELERATE_CONFIGS_DIR = "configs/accelerate"
 
@@ -499,8 +499,9 @@ class ComputeParams(Section):
     processes: PositiveInt = 1
     """Processes per machine for the stages that share their work: `sft` and `dpo` (data parallel: each process
     trains on `batch_size` rows per step, so one optimizer step sees batch_size x gradient_accumulation x
-    processes rows, and the gradients are averaged), `reference_logps` and `generate` (rows sharded by batch,
-    gathered and written once, byte-identical to one process). One per GPU on a GPU machine; on a CPU, gloo
+    processes rows, and the gradients are averaged), `reference_logps`, `generate`, `judge` and `eval` (work sharded
+    by batch or, for eval, by lm-eval's data-parallel mode; gathered and written once, as one process writes it).
+    One per GPU on a GPU machine; on a CPU, gloo
     processes. The other stages run on one process. `sft` and `dpo` depend on this key (it changes the global
     batch); nothing else does."""
     launcher: Literal["torchrun", "accelerate"] = "torchrun"
@@ -510,7 +511,7 @@ class ComputeParams(Section):
     accelerate_config: str | None = None
     """An accelerate config file for `launcher: accelerate` (configs/accelerate/ ships DDP, FSDP and DeepSpeed
     ZeRO-2/ZeRO-3 examples); its process count is replaced by the stage's."""
-    stage_processes: dict[Literal["sft", "dpo", "reference_logps", "generate"], PositiveInt] = {}
+    stage_processes: dict[Literal["sft", "dpo", "reference_logps", "generate", "judge", "eval"], PositiveInt] = {}
     """A stage kind's own process count, in place of `processes` (e.g. `{generate: 1}`)."""
 
     def processes_for(self, stage_kind: str) -> int:
