@@ -118,3 +118,38 @@ def test_next_round_schedule_comes_from_params(tmp_path):
     schedule = next_round.schedules[0].schedule
     assert (schedule.cron, schedule.timezone) == ("0 3 * * *", "Europe/Paris")
     assert pipeline.concurrency_limit == next_round.concurrency_limit == 1
+
+
+def test_a_process_work_pool_worker_in_another_process_runs_the_pool_deployment(served, tmp_path):
+    """prefect.yaml's `sft-dpo/pool` on a real process work pool; the worker starts elsewhere, in its own process."""
+    _, env, _, _, _ = served
+    (tmp_path / "project").mkdir()
+    project = make_shell_project(tmp_path / "project", DIAMOND_DAG)
+    created = prefect(env, ROOT, "work-pool", "create", "sft-dpo", "--type", "process", "--overwrite")
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = prefect(env, ROOT, "--no-prompt", "deploy", "--all")
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "sft-dpo", "--install-policy", "never"],
+        cwd=elsewhere,
+        env={**env, "SFT_DPO_CHECKOUT": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        result = prefect(env, project, "deployment", "run", "sft-dpo/pool", "-p", f"project={json.dumps(str(project))}",
+                         "--watch", timeout=300)  # fmt: skip
+    finally:
+        worker.terminate()
+        worker_log = worker.communicate(timeout=60)[0]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + worker_log[-3000:]
+    assert "Completed" in result.stdout
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
+    assert run_id in worker_log, "the run did not go through the worker"
+    run = json.loads(prefect(env, project, "flow-run", "inspect", run_id, "--output", "json").stdout)
+    assert run["work_pool_name"] == "sft-dpo"
+    assert json.loads((project / "metrics/eval.json").read_text()) == {"sft": {"accuracy": 0.5}}
+    assert (project / "dvc.lock").is_file() and not list(elsewhere.iterdir())
