@@ -5,6 +5,11 @@ Makefile puts in `.prefect/`) unless one already answers at PREFECT_API_URL, the
 `sft-dpo/sft-dpo` and `sft-dpo/next-round` (the latter on `orchestration.next_round.cron`) until
 Ctrl-C or SIGTERM, and stops the server it started. `--detach` does the same in the background
 (log in PREFECT_HOME/serve.log); `--stop` ends a detached one.
+
+Off loopback (`--host` other than 127.0.0.1, localhost, ::1) the server would take commands from the network: it
+refuses to start unless `PREFECT_SERVER_API_AUTH_STRING` holds a `user:password` (Prefect's basic auth), and then
+turns on Prefect's CSRF protection too. The auth string stays in the environment: it is never put on a command
+line, in a file or in a log.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = ("sft-dpo", "next-round")
 STARTUP_TIMEOUT_S = 90
 SERVING_MESSAGE = "being served"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+SERVER_AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"
+CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"
+CSRF_ENV = "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"
 
 
 def _arguments() -> argparse.Namespace:
@@ -45,8 +54,25 @@ def _arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def _secure_off_loopback(host: str) -> None:
+    """A server other machines can reach needs a password (basic auth) and CSRF protection; refuse it otherwise."""
+    if host in LOOPBACK_HOSTS:
+        return
+    auth = os.environ.get(SERVER_AUTH_ENV, "")
+    user, colon, password = auth.partition(":")
+    if not (user and colon and password):
+        sys.exit(
+            f"--host {host}: not a loopback address, so the Prefect server would take commands from the network; "
+            f"set {SERVER_AUTH_ENV}=<user>:<password> in the environment (Prefect's basic auth; clients set "
+            f"{CLIENT_AUTH_ENV} to the same) or serve on 127.0.0.1"
+        )
+    os.environ[CSRF_ENV] = "true"
+    os.environ.setdefault(CLIENT_AUTH_ENV, auth)  # this process's runner is a client of its own server
+
+
 def _configure(args: argparse.Namespace) -> str:
     """Prefect reads its settings at import: set them first. Returns the API URL."""
+    _secure_off_loopback(args.host)
     api_url = os.environ.get("PREFECT_API_URL") or f"http://{args.host}:{args.port}/api"
     args.home.mkdir(parents=True, exist_ok=True)
     os.environ.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(args.home.resolve()))

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import commit_all, dvc, edit_params, make_shell_project, project_env, read_json
+import yaml
+from conftest import commit_all, dvc, edit_params, make_project, make_shell_project, micro, project_env, read_json
 
 from flows.dvc_project import REMOTE_NAME, push_outputs, unpushed_outputs, use_remote
 
@@ -83,6 +84,37 @@ def test_a_second_clone_reuses_what_the_first_pushed_and_runs_only_what_changed(
     sft_dpo(project=str(first))
     assert read_json(second / "metrics/eval.json") == read_json(first / "metrics/eval.json")
     assert unpushed_outputs(second) == []
+
+
+@pytest.mark.slow
+def test_a_clone_finishes_the_micro_pipeline_another_clone_ran_to_dpo_r1(harness, tmp_path):
+    """Clone A runs the micro pipeline to dpo@r1 and pushes; clone B pulls and runs the rest, re-running nothing A
+    ran; B's final metrics are the ones A gets when it runs to the end itself."""
+    from flows.pipeline import sft_dpo
+
+    remote = tmp_path / "remote"
+
+    def micro_with_remote(params: dict) -> None:
+        micro(params)
+        with_remote(remote)(params)
+
+    first = make_project(tmp_path / "a", micro_with_remote)
+    use_remote(first, str(remote))
+    dvc(first, "repro", "dpo@r1")
+    dvc(first, "push")
+    commit_all(first, "ran to dpo@r1")
+    ran_by_first = set(yaml.safe_load((first / "dvc.lock").read_text())["stages"])
+    assert "dpo@r1" in ran_by_first and "eval@r1" not in ran_by_first
+
+    second = tmp_path / "b"
+    subprocess.run(["git", "clone", "-q", str(first), str(second)], check=True)
+    outcomes = sft_dpo(project=str(second))["stages"]
+    assert {name for name, outcome in outcomes.items() if outcome == "Skipped"} == ran_by_first
+    assert {"eval@r1", "gate@r1", "dpo@r2", "report"} <= {n for n, outcome in outcomes.items() if outcome == "Ran"}
+    assert unpushed_outputs(second) == []
+
+    dvc(first, "repro")
+    assert read_json(second / "metrics/eval.json") == read_json(first / "metrics/eval.json")
 
 
 def test_a_push_that_fails_fails_the_run(harness, tmp_path):

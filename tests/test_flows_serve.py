@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -120,9 +121,29 @@ def test_next_round_schedule_comes_from_params(tmp_path):
     assert pipeline.concurrency_limit == next_round.concurrency_limit == 1
 
 
-def test_a_process_work_pool_worker_in_another_process_runs_the_pool_deployment(served, tmp_path):
+@pytest.fixture
+def server(tmp_path):
+    """A Prefect server of its own (the `served` one is stopped by a test of this module): its client environment."""
+    from flows.serve import _healthy
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--port", str(port), "--analytics-off"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not _healthy(env["PREFECT_API_URL"]):
+        assert process.poll() is None and time.monotonic() < deadline, "prefect server did not start"
+        time.sleep(0.5)
+    yield env
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def test_a_process_work_pool_worker_in_another_process_runs_the_pool_deployment(server, tmp_path):
     """prefect.yaml's `sft-dpo/pool` on a real process work pool; the worker starts elsewhere, in its own process."""
-    _, env, _, _, _ = served
+    env = server
     (tmp_path / "project").mkdir()
     project = make_shell_project(tmp_path / "project", DIAMOND_DAG)
     created = prefect(env, ROOT, "work-pool", "create", "sft-dpo", "--type", "process", "--overwrite")
@@ -153,3 +174,76 @@ def test_a_process_work_pool_worker_in_another_process_runs_the_pool_deployment(
     assert run["work_pool_name"] == "sft-dpo"
     assert json.loads((project / "metrics/eval.json").read_text()) == {"sft": {"accuracy": 0.5}}
     assert (project / "dvc.lock").is_file() and not list(elsewhere.iterdir())
+
+
+def api_status(url: str, method: str = "POST", auth: str | None = None, csrf: str | None = None) -> tuple[int, bytes]:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    if csrf is not None:
+        headers.update({"Prefect-Csrf-Token": csrf, "Prefect-Csrf-Client": "sft-dpo-test"})
+    request = urllib.request.Request(url, data=b"{}" if method == "POST" else None, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_off_loopback_the_server_refuses_to_start_without_a_password_and_then_checks_it(tmp_path):
+    """127.0.0.2 stands in for a network address: anything but 127.0.0.1/localhost/::1 needs basic auth and CSRF."""
+    import secrets
+
+    (tmp_path / "project").mkdir()
+    project = make_shell_project(tmp_path / "project", DIAMOND_DAG)
+    home, host, port = tmp_path / "home", "127.0.0.2", free_port()
+    api = f"http://{host}:{port}/api"
+    env = {key: value for key, value in os.environ.items() if "AUTH_STRING" not in key and "CSRF" not in key}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=api)
+    command = [sys.executable, "-m", "flows.serve", "--host", host, "--port", str(port), "--home", str(home),
+               "--project", str(project)]  # fmt: skip
+
+    refused = subprocess.run(command + ["--detach"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "--host 127.0.0.2: not a loopback address" in refused.stderr and "PREFECT_SERVER_API_AUTH_STRING" in (
+        refused.stderr
+    )
+    assert not (home / "serve.pid").exists() and not (home / "server.pid").exists()
+
+    password = f"sftdpo-admin:{secrets.token_hex(12)}"
+    subprocess.run(command + ["--detach"], env={**env, "PREFECT_SERVER_API_AUTH_STRING": password}, check=True,
+                   timeout=180)  # fmt: skip
+    try:
+        assert api_status(f"{api}/admin/version", method="GET")[0] == 401
+        assert api_status(f"{api}/admin/version", method="GET", auth="sftdpo-admin:guess")[0] == 401
+        assert api_status(f"{api}/admin/version", method="GET", auth=password)[0] == 200
+        assert api_status(f"{api}/flows/filter", auth=password)[0] == 403, "CSRF protection is off"
+        status, body = api_status(f"{api}/csrf-token?client=sft-dpo-test", method="GET", auth=password)
+        assert status == 200
+        token = json.loads(body)["token"]
+        assert api_status(f"{api}/flows/filter", auth=password, csrf=token)[0] == 200
+
+        client = {**env, "PREFECT_API_AUTH_STRING": password}
+        result = prefect(client, project, "deployment", "run", "sft-dpo/sft-dpo", "--watch")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        artifacts = api_status(f"{api}/artifacts/filter", auth=password, csrf=token)[1].decode()
+        assert "eval-summary" in artifacts and "run-report" in artifacts
+    finally:
+        subprocess.run(command + ["--stop"], env=env, timeout=120)
+
+    secret = password.split(":", 1)[1]
+    written = {"artifacts": artifacts}
+    for folder in (home, project):
+        for path in folder.rglob("*"):
+            internal = any(part in str(path) for part in ("/.dvc/cache/", "/.dvc/tmp/", "/.git/objects/"))
+            if path.is_file() and not internal:  # DVC's and git's own stores; git objects are read through git log
+                written[str(path)] = path.read_text(errors="replace")
+    experiments = subprocess.run(["git", "log", "-p", "--all"], cwd=project, capture_output=True, text=True)
+    written["git log -p --all"] = experiments.stdout
+    assert not [name for name, text in written.items() if secret in text], "the password was written down"
+    leaked = [name for name, text in written.items() if str(tmp_path) in text and not name.startswith(str(home))]
+    assert not leaked, f"absolute paths of this machine in {leaked}"
