@@ -128,13 +128,18 @@ def run_stage(root: Path, name: str, on_line: Callable[[str], None], force: bool
     return StageRun(name, outcome, seconds)
 
 
-def save_experiment(root: Path, name: str, files: list[str]) -> str:
+def save_experiment(
+    root: Path, name: str, files: list[str], targets: list[str] | None = None, message: str | None = None
+) -> str:
     """Record the workspace (params.yaml, dvc.lock and the given metrics files) as a DVC experiment.
 
-    Returns the experiment's commit; `dvc exp show` lists every recorded run with its params and metrics.
+    `targets`: commit only these stages' outputs (a failed run's completed stages; by default `dvc exp save`
+    commits every stage). Returns the experiment's commit; `dvc exp show` lists every recorded run.
     """
     include = [argument for path in files if (root / path).exists() for argument in ("--include-untracked", path)]
     command = [sys.executable, "-m", "dvc", "exp", "save", "--name", name, "--force", *include]
+    command += ["--message", message] if message else []
+    command += targets or []
     result = subprocess.run(
         command, cwd=root, env=with_git_identity(root, stage_environment()), capture_output=True, text=True
     )
@@ -144,6 +149,14 @@ def save_experiment(root: Path, name: str, files: list[str]) -> str:
     if commit is None:
         raise RuntimeError(f"dvc exp save reported success but no experiment named {name} exists")
     return commit
+
+
+def restore_stage_outputs(root: Path, name: str) -> None:
+    """Put back the outputs dvc.lock records for a stage (DVC removes them before it runs the stage) from the cache."""
+    command = [sys.executable, "-m", "dvc", "checkout", "--force", "--allow-missing", "--quiet", name]
+    result = subprocess.run(command, cwd=root, env=stage_environment(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc checkout {name} failed:\n{result.stdout}{result.stderr}")
 
 
 def experiment_commits(root: Path) -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.dvc_project import (
+    RAN,
     RESTORED,
     SKIPPED,
     SUMMARY_STAGE,
@@ -37,6 +37,7 @@ from flows.dvc_project import (
     pull_outputs,
     push_outputs,
     read_graph,
+    restore_stage_outputs,
     run_stage,
     save_experiment,
     stage_environment,
@@ -46,6 +47,7 @@ from flows.dvc_project import (
 from flows.params_file import extended_rounds, write_params
 from flows.reports import changed_params, eval_summary_rows, guard_warnings, read_scores, run_report_markdown
 from flows.sweep import point_rows, run_sweep
+from flows.workspace import Workspace, WorkspaceConflict, bring_back, isolated_workspace, restore_outputs
 from tasks.lib.params import ParamsError, apply_overrides, load_params
 from tasks.lib.schema import Params
 from tasks.lib.stage import BAD_INPUT_EXIT
@@ -80,25 +82,6 @@ def plan_run(path: Path, overrides: dict[str, Any], rounds: int | None, next_rou
     if rounds is not None:
         this_run["dpo.rounds"] = extended_rounds(load_params(path, {**lasting, **this_run}), rounds)
     return RunPlan(load_params(path, {**lasting, **this_run}), lasting, this_run)
-
-
-@contextlib.contextmanager
-def params_applied(path: Path, plan: RunPlan) -> Iterator[None]:
-    """params.yaml as the run needs it; afterwards only lasting changes of a successful run remain."""
-    original = path.read_text(encoding="utf-8")
-    if plan.lasting:
-        write_params(path, plan.lasting)
-    kept = path.read_text(encoding="utf-8")
-    if plan.this_run:
-        write_params(path, plan.this_run)
-    succeeded = False
-    try:
-        yield
-        succeeded = True
-    finally:
-        final = kept if succeeded else original
-        if path.read_text(encoding="utf-8") != final:
-            path.write_text(final, encoding="utf-8")
 
 
 def _forward(logger, line: str) -> None:
@@ -179,7 +162,7 @@ def _metrics(root: Path, graph: StageGraph) -> dict[str, Any]:
     return {path: yaml.safe_load((root / path).read_text()) for path in files if (root / path).is_file()}
 
 
-def _record(root: Path, graph: StageGraph) -> tuple[str | None, str]:
+def _record(root: Path, graph: StageGraph, name: str) -> tuple[str | None, str]:
     if not is_git_repository(root):
         return None, "Not recorded: the project is not a git repository with a commit (`git init && git commit`)."
     files = [path for paths in graph.metric_files.values() for path in paths]
@@ -187,7 +170,6 @@ def _record(root: Path, graph: StageGraph) -> tuple[str | None, str]:
     if unchanged:
         name, commit = unchanged
         return name, f"Nothing changed since experiment `{name}` (commit `{commit[:12]}`); not recorded again."
-    name = f"{flow_run.name}-{flow_run.id[:8]}"
     commit = save_experiment(root, name, files)
     return name, (
         f"Recorded as DVC experiment `{name}` (commit `{commit[:12]}`: this run's params.yaml, dvc.lock "
@@ -195,36 +177,109 @@ def _record(root: Path, graph: StageGraph) -> tuple[str | None, str]:
     )
 
 
+def _record_failure(
+    where: Path, graph: StageGraph, runs: list[StageRun], failure: Exception, name: str, workspace: Workspace | None
+) -> tuple[str | None, str]:
+    """Record what completed before the failure, and the failure, as experiment `<name>-failed`.
+
+    DVC removed the failed stage's outputs before running it: they are put back first (from the project for an
+    isolated run, from DVC's cache in place), and only the stages that completed are committed, so the experiment
+    never holds a half-written output as if it were whole.
+    """
+    if not is_git_repository(where):
+        return None, "Not recorded: the project is not a git repository with a commit."
+    completed = [run.name for run in runs if run.outcome in (RAN, RESTORED, SKIPPED)]
+    if not completed:
+        return None, "Not recorded: no stage completed."
+    if isinstance(failure, StageFailed):
+        outputs = graph.outputs.get(failure.name, [])
+        if workspace is not None:
+            restore_outputs(workspace, outputs)
+        else:
+            restore_stage_outputs(where, failure.name)
+    files = [path for paths in graph.metric_files.values() for path in paths]
+    message = f"sft-dpo run {name} failed\n\n{failure}"
+    commit = save_experiment(where, f"{name}-failed", files, targets=completed, message=message)
+    return f"{name}-failed", (
+        f"Recorded as DVC experiment `{name}-failed` (commit `{commit[:12]}`): the stages that completed "
+        "(dvc.lock, outputs in the cache) and the failure (its commit message: `git log -1 " + commit[:12] + "`)."
+    )
+
+
 def _sweep(root: Path, settings: dict[str, list[Any]], logger) -> dict[str, Any]:
-    """Run the grid as DVC experiments, then re-render the dashboard so its runs panel compares them."""
+    """Run the grid as DVC experiments, then re-render the dashboard so its runs panel compares them.
+
+    The points run in DVC's temporary experiment workspaces; the dashboard is re-rendered in a workspace of its own
+    (flows/workspace.py) and published as its headline: the project's tree is not written.
+    """
     rows = point_rows(root, run_sweep(root, settings), settings)
     create_table_artifact(key="sweep", table=rows, description="Sweep points (DVC experiments) and merged's metrics")
-    graph = read_graph(root)
-    if DASHBOARD_STAGE in graph.order:
-        run_stage(root, DASHBOARD_STAGE, partial(_forward, logger), force=True)
-        publish_dashboard(root, graph)
+    if DASHBOARD_STAGE in read_graph(root).order and is_git_repository(root):
+        with isolated_workspace(root, f"{flow_run.name}-{flow_run.id[:8]}-dashboard") as workspace:
+            run_stage(workspace.path, DASHBOARD_STAGE, partial(_forward, logger), force=True)
+            publish_dashboard(None, *_dashboard_files(workspace.path, read_graph(workspace.path)))
     logger.info("sweep: %d points recorded as DVC experiments: %s", len(rows), ", ".join(r["experiment"] for r in rows))
     return {"sweep": rows}
 
 
-def publish_dashboard(root: Path, graph: StageGraph) -> None:
-    """The dashboard page as a link artifact and its headline as a markdown artifact (when dvc.yaml has the stage)."""
+def _dashboard_files(root: Path, graph: StageGraph) -> tuple[Path | None, str | None]:
+    """The dashboard page (when the `dashboard` stage wrote one) and its headline's markdown."""
     outputs = [root / path for path in graph.outputs.get(DASHBOARD_STAGE, [])]
     page = next((path for path in outputs if path.suffix == ".html" and path.is_file()), None)
     headline = next((path for path in outputs if path.suffix == ".md" and path.is_file()), None)
-    if page is not None:
+    return (
+        page.relative_to(root) if page else None,
+        headline.read_text(encoding="utf-8") if headline else None,
+    )
+
+
+def publish_dashboard(page_root: Path | None, page: Path | None, headline: str | None) -> None:
+    """The dashboard page as a link artifact (when it lives in `page_root`), its headline as a markdown artifact."""
+    if page_root is not None and page is not None:
         create_link_artifact(
             key="dashboard",
-            link=page.as_uri(),
-            link_text=f"eval dashboard ({page.relative_to(root)}, opens offline)",
+            link=(page_root / page).as_uri(),
+            link_text=f"eval dashboard ({page}, opens offline)",
             description="The run's eval dashboard: every round's metrics, win rates, lengths, curves, answers",
         )
     if headline is not None:
         create_markdown_artifact(
             key="dashboard-headline",
-            markdown=headline.read_text(encoding="utf-8"),
+            markdown=headline,
             description="Headline of the eval dashboard: eval table, win rates and the main charts",
         )
+
+
+def _run_pipeline(
+    where: Path, params: Params, logger, notes: list[str]
+) -> tuple[list[StageRun], StageFailed | RemoteError | None, StageGraph, dict]:
+    """Pull (with a remote), run every stage that may have changed, check the push: in `where`."""
+    remote = params.storage.remote
+    if remote:
+        use_remote(where, remote)
+        pull_outputs(where)  # before reading the graph: what another machine pushed need not run here
+        logger.info("pulled what storage.remote holds of dvc.lock's outputs")
+    graph = read_graph(where)
+    previous_scores = read_scores(where / graph.metric_files[SUMMARY_STAGE][0])
+    # A warm server only when a stage will run (its imports cost seconds of a core).
+    with warm_stages(stage_environment()) if graph.changed else contextlib.nullcontext():
+        runs, failure = run_stages(where, graph, params)
+    if failure is None and remote:
+        notes.append(_check_pushed(where))
+    return runs, failure, graph, previous_scores
+
+
+def _workspace_note(workspace: Workspace, experiment: str | None, bring: bool) -> str:
+    """Bring a next round back into the project, or say how to take the run."""
+    if experiment is None:
+        return "The run's workspace is removed; nothing was recorded."
+    if not bring:
+        return (
+            f"Ran in a workspace of its own: the project's params.yaml, dvc.lock and outputs are untouched; "
+            f"`dvc exp apply {experiment}` takes this run into the project."
+        )
+    changed = bring_back(workspace, experiment)  # WorkspaceConflict fails the run; the experiment stays
+    return f"The new round is in the project: {', '.join(changed)} updated and its outputs checked out."
 
 
 @flow(name=FLOW_NAME, persist_result=False)
@@ -253,33 +308,41 @@ def sft_dpo(
         if overrides or rounds or next_round:
             raise ParamsError("sweep: runs on its own; give the other keys as sweep axes with one value")
         return _sweep(root, sweep, logger)
-    params_path = root / PARAMS_FILE
-    original = yaml.safe_load(params_path.read_text(encoding="utf-8"))
-    plan = plan_run(params_path, overrides or {}, rounds, next_round)
+    original = yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8"))
+    plan = plan_run(root / PARAMS_FILE, overrides or {}, rounds, next_round)
+    changes = {**plan.lasting, **plan.this_run}
+    name = f"{flow_run.name}-{flow_run.id[:8]}"
     experiment, notes = None, []
-    remote = plan.params.storage.remote
-    with params_applied(params_path, plan):
-        if remote:
-            use_remote(root, remote)
-            pull_outputs(root)  # before reading the graph: what another machine pushed need not run here
-            logger.info("pulled what storage.remote holds of dvc.lock's outputs")
-        graph = read_graph(root)
-        summary_file = root / graph.metric_files[SUMMARY_STAGE][0]
-        previous_scores = read_scores(summary_file)
-        # A warm server only when a stage will run (its imports cost seconds of a core).
-        with warm_stages(stage_environment()) if graph.changed else contextlib.nullcontext():
-            runs, failure = run_stages(root, graph, plan.params)
-        if failure is None and remote:
-            notes.append(_check_pushed(root))
+    if changes and not is_git_repository(root):
+        raise ParamsError(
+            "overrides, rounds and next_round run in a git worktree of the project and are recorded as DVC "
+            "experiments: make the project a git repository with a commit (`git init && git add -A && git commit`)"
+        )
+    # A run that changes params works in a workspace of its own: the user's tree stays as the user left it.
+    with isolated_workspace(root, name) if changes else contextlib.nullcontext() as workspace:
+        where = workspace.path if workspace else root
+        if changes:
+            write_params(where / PARAMS_FILE, changes)
+        runs, failure, graph, previous_scores = _run_pipeline(where, plan.params, logger, notes)
         if failure is None:
-            experiment, note = _record(root, graph)
-            notes.append(note)
-        metrics = _metrics(root, graph)
+            experiment, note = _record(where, graph, name)
+        else:
+            experiment, note = _record_failure(where, graph, runs, failure, name, workspace)
+        notes.append(note)
+        if workspace is not None:
+            try:
+                notes.append(_workspace_note(workspace, experiment, bring=failure is None and bool(plan.lasting)))
+            except WorkspaceConflict as conflict:
+                failure = conflict
+                notes.append(str(conflict))
+        scores = read_scores(where / graph.metric_files[SUMMARY_STAGE][0])
+        metrics = _metrics(where, graph)
+        headline = _dashboard_files(where, graph)
     report = run_report_markdown(
         runs,
         flow_seconds=time.perf_counter() - started,
         failure=str(failure) if failure else None,
-        params_changes=changed_params(original, apply_overrides(original, {**plan.lasting, **plan.this_run})),
+        params_changes=changed_params(original, apply_overrides(original, changes)),
         warnings=guard_warnings(metrics),
         notes=notes,
     )
@@ -288,10 +351,11 @@ def sft_dpo(
         raise failure
     create_table_artifact(
         key="eval-summary",
-        table=eval_summary_rows(read_scores(summary_file), previous_scores),
+        table=eval_summary_rows(scores, previous_scores),
         description="Eval metrics per model (change since the previous run)",
     )
-    publish_dashboard(root, graph)
+    # The page's link only where it outlives the run: the project's own tree (an isolated run's is removed).
+    publish_dashboard(root if workspace is None or plan.lasting else None, *headline)
     outcomes = {run.name: run.outcome for run in runs}
     ran = [name for name, outcome in outcomes.items() if outcome != SKIPPED]
     restored = [name for name, outcome in outcomes.items() if outcome == RESTORED]

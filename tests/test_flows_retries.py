@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import DIAMOND_DAG, make_shell_project
 
-from flows.dvc_project import RAN, SKIPPED, experiment_commits, read_graph
+from flows.dvc_project import RAN, RESTORED, SKIPPED, experiment_commits, read_graph
 from flows.pipeline import sft_dpo
 from flows.reports import changed_params, eval_summary_rows, guard_warnings
 
@@ -70,14 +70,17 @@ def test_transient_failure_is_retried_and_stage_output_reaches_the_logs(harness,
     assert result["stages"] == {"first": RAN, "flaky": RAN, "report": RAN}
     lines = [record.getMessage() for record in caplog.records]
     assert "first says hello" in lines and "transient trouble" in lines
-    assert (shell_project / "flaky.txt").exists()
+    # A run with overrides works in a workspace of its own: the project's tree is untouched.
+    assert result["experiment"] and not (shell_project / "flaky.txt").exists()
 
 
 def test_without_retries_the_transient_failure_fails_the_run(harness, shell_project):
     state = sft_dpo(project=str(shell_project), overrides={"orchestration.retries": 0}, return_state=True)
     assert state.is_failed() and "stage flaky failed (exit status 1)" in state.message
+    (shell_project / ".attempted").touch()  # the trouble is over
     again = sft_dpo(project=str(shell_project), return_state=True)
-    assert again.result()["stages"] == {"first": SKIPPED, "flaky": RAN, "report": RAN}
+    # What the failed run completed (in its own workspace) comes back from DVC's run-cache.
+    assert again.result()["stages"] == {"first": RESTORED, "flaky": RAN, "report": RAN}
 
 
 def test_experiment_needs_no_configured_git_identity(harness, shell_project, monkeypatch):

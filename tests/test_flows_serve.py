@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import DIAMOND_DAG, ROOT, make_shell_project
@@ -121,61 +121,6 @@ def test_next_round_schedule_comes_from_params(tmp_path):
     assert pipeline.concurrency_limit == next_round.concurrency_limit == 1
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A Prefect server of its own (the `served` one is stopped by a test of this module): its client environment."""
-    from flows.serve import _healthy
-
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--port", str(port), "--analytics-off"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not _healthy(env["PREFECT_API_URL"]):
-        assert process.poll() is None and time.monotonic() < deadline, "prefect server did not start"
-        time.sleep(0.5)
-    yield env
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=60)
-
-
-def test_a_process_work_pool_worker_in_another_process_runs_the_pool_deployment(server, tmp_path):
-    """prefect.yaml's `sft-dpo/pool` on a real process work pool; the worker starts elsewhere, in its own process."""
-    env = server
-    (tmp_path / "project").mkdir()
-    project = make_shell_project(tmp_path / "project", DIAMOND_DAG)
-    created = prefect(env, ROOT, "work-pool", "create", "sft-dpo", "--type", "process", "--overwrite")
-    assert created.returncode == 0, created.stdout + created.stderr
-    deployed = prefect(env, ROOT, "--no-prompt", "deploy", "--all")
-    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-    elsewhere = tmp_path / "worker"
-    elsewhere.mkdir()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "sft-dpo", "--install-policy", "never"],
-        cwd=elsewhere,
-        env={**env, "SFT_DPO_CHECKOUT": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        result = prefect(env, project, "deployment", "run", "sft-dpo/pool", "-p", f"project={json.dumps(str(project))}",
-                         "--watch", timeout=300)  # fmt: skip
-    finally:
-        worker.terminate()
-        worker_log = worker.communicate(timeout=60)[0]
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + worker_log[-3000:]
-    assert "Completed" in result.stdout
-    run_id = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
-    assert run_id in worker_log, "the run did not go through the worker"
-    run = json.loads(prefect(env, project, "flow-run", "inspect", run_id, "--output", "json").stdout)
-    assert run["work_pool_name"] == "sft-dpo"
-    assert json.loads((project / "metrics/eval.json").read_text()) == {"sft": {"accuracy": 0.5}}
-    assert (project / "dvc.lock").is_file() and not list(elsewhere.iterdir())
-
-
 def api_status(url: str, method: str = "POST", auth: str | None = None, csrf: str | None = None) -> tuple[int, bytes]:
     import base64
     import urllib.error
@@ -194,8 +139,35 @@ def api_status(url: str, method: str = "POST", auth: str | None = None, csrf: st
         return error.code, error.read()
 
 
-def test_off_loopback_the_server_refuses_to_start_without_a_password_and_then_checks_it(tmp_path):
-    """127.0.0.2 stands in for a network address: anything but 127.0.0.1/localhost/::1 needs basic auth and CSRF."""
+def run_pool_deployment(env: dict, project: Path, worker_folder: Path) -> tuple[subprocess.CompletedProcess, str]:
+    """prefect.yaml's deployments on a process pool `sft-dpo`, a worker started in `worker_folder` (its own process),
+    and `prefect deployment run sft-dpo/pool --watch` on `project`: the run's output and the worker's log."""
+    created = prefect(env, ROOT, "work-pool", "create", "sft-dpo", "--type", "process", "--overwrite")
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = prefect(env, ROOT, "--no-prompt", "deploy", "--all")
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "sft-dpo", "--install-policy", "never"],
+        cwd=worker_folder,
+        env={**env, "SFT_DPO_CHECKOUT": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        result = prefect(env, project, "deployment", "run", "sft-dpo/pool", "-p", f"project={json.dumps(str(project))}",
+                         "--watch", timeout=300)  # fmt: skip
+    finally:
+        worker.terminate()
+        worker_log = worker.communicate(timeout=60)[0]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + worker_log[-3000:]
+    return result, worker_log
+
+
+def test_off_loopback_the_server_needs_a_password_and_a_work_pool_runs_behind_it(tmp_path):
+    """127.0.0.2 stands in for a network address: anything but 127.0.0.1/localhost/::1 needs basic auth and CSRF.
+    Behind it, prefect.yaml's `sft-dpo/pool` runs to completion on a real process pool through a worker in another
+    process; nothing the run leaves behind holds the password or this machine's paths."""
     import secrets
 
     (tmp_path / "project").mkdir()
@@ -227,9 +199,17 @@ def test_off_loopback_the_server_refuses_to_start_without_a_password_and_then_ch
         token = json.loads(body)["token"]
         assert api_status(f"{api}/flows/filter", auth=password, csrf=token)[0] == 200
 
+        # A real process work pool behind the password: a worker in another process and folder takes the run.
         client = {**env, "PREFECT_API_AUTH_STRING": password}
-        result = prefect(client, project, "deployment", "run", "sft-dpo/sft-dpo", "--watch")
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        (tmp_path / "worker").mkdir()
+        result, worker_log = run_pool_deployment(client, project, tmp_path / "worker")
+        assert "Completed" in result.stdout
+        run_id = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
+        assert run_id in worker_log, "the run did not go through the worker"
+        run = json.loads(prefect(client, project, "flow-run", "inspect", run_id, "--output", "json").stdout)
+        assert run["work_pool_name"] == "sft-dpo"
+        assert json.loads((project / "metrics/eval.json").read_text()) == {"sft": {"accuracy": 0.5}}
+        assert not list((tmp_path / "worker").iterdir()), "the run did not start in the worker's checkout"
         artifacts = api_status(f"{api}/artifacts/filter", auth=password, csrf=token)[1].decode()
         assert "eval-summary" in artifacts and "run-report" in artifacts
     finally:

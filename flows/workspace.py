@@ -1,0 +1,149 @@
+"""Isolated workspaces: a flow run with overrides, rounds or a next round never writes the user's working tree.
+
+The run gets a git worktree of HEAD under `.dvc/tmp/runs/` holding the user's working tree as it is when the run
+starts (modified and untracked files copied in, like DVC's own experiment workspaces), sharing the project's DVC
+cache, so outputs are linked or copied from it rather than rebuilt. The run is recorded there as a DVC experiment
+(git refs are shared by every worktree of a repository); the user takes it with `dvc exp apply <name>`. A next
+round is brought back by `bring_back` only if none of the files it changed were changed in the project meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.lib.files import atomic_path
+
+RUNS_DIR = ".dvc/tmp/runs"
+"""Where run workspaces live: inside the project (same file system as its cache), ignored by git and DVC."""
+
+
+class WorkspaceConflict(RuntimeError):
+    """The project changed, during the run, a file the run also changed: the run's result stays an experiment."""
+
+
+@dataclass
+class Workspace:
+    root: Path
+    """The user's project."""
+    path: Path
+    """The run's checkout."""
+    started: dict[str, bytes | None] = field(default_factory=dict)
+    """The project's files under git and those git sees changed, as they were when the run started (None: absent);
+    a run writes params.yaml, dvc.lock and uncached metrics (DVC keeps the other outputs in its cache)."""
+
+
+def _git(folder: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *arguments], cwd=folder, capture_output=True, text=True, check=check)
+
+
+def _dvc(folder: Path, *arguments: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "dvc", *arguments], cwd=folder, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(arguments)} in {folder.name} failed:\n{result.stdout}{result.stderr}")
+    return result
+
+
+def _changed_files(folder: Path) -> list[str]:
+    """Paths git sees as modified, added, deleted or untracked (not ignored) against HEAD."""
+    entries = iter(_git(folder, "status", "--porcelain=v1", "-z", "--untracked-files=all").stdout.split("\0"))
+    paths = []
+    for entry in entries:
+        if not entry:
+            continue
+        status, path = entry[:2], entry[3:]
+        paths.append(path)
+        if "R" in status or "C" in status:
+            paths.append(next(entries))  # a rename or copy names its source next, without a status
+    return paths
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _copy(source: Path, target: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+    elif source.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    elif target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def isolated_workspace(root: Path, name: str) -> Iterator[Workspace]:
+    """A worktree of `root` as it is now, sharing its DVC cache; removed afterwards, whatever happens."""
+    root = root.resolve()
+    path = root / RUNS_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache = _dvc(root, "cache", "dir").stdout.strip()
+    _git(root, "worktree", "add", "--detach", "--force", str(path), "HEAD")
+    try:
+        copied = _changed_files(root)
+        tracked = set(_git(root, "ls-files", "-z").stdout.split("\0")) - {""}
+        workspace = Workspace(root, path, {relative: _read(root / relative) for relative in tracked | set(copied)})
+        for relative in copied:
+            _copy(root / relative, path / relative)
+        local_config = root / ".dvc" / "config.local"
+        if local_config.is_file():
+            shutil.copy2(local_config, path / ".dvc" / "config.local")
+        _dvc(path, "config", "--local", "cache.dir", cache)
+        # Links where the file system allows (DVC protects linked outputs); a copy elsewhere.
+        _dvc(path, "config", "--local", "cache.type", "reflink,hardlink,copy")
+        _dvc(path, "checkout", "--allow-missing")
+        yield workspace
+    finally:
+        _git(root, "worktree", "remove", "--force", str(path), check=False)
+        shutil.rmtree(path, ignore_errors=True)
+        _git(root, "worktree", "prune", check=False)
+
+
+def run_changes(workspace: Workspace) -> list[str]:
+    """The git-visible files whose content the run changed in its workspace (params.yaml, dvc.lock, metrics)."""
+    candidates = set(_changed_files(workspace.path)) | set(workspace.started)
+    return sorted(path for path in candidates if _read(workspace.path / path) != workspace.started.get(path))
+
+
+def bring_back(workspace: Workspace, experiment: str) -> list[str]:
+    """Copy the run's changed files into the project and check its outputs out from the shared cache.
+
+    Refuses (WorkspaceConflict, the project untouched) when the project changed any of those files since the run
+    started; the run stays available as experiment `experiment`.
+    """
+    changed = run_changes(workspace)
+    edited = [relative for relative in changed if _read(workspace.root / relative) != workspace.started.get(relative)]
+    if edited:
+        raise WorkspaceConflict(
+            f"{', '.join(edited)} changed in {workspace.root} while the run ran; the project is left as it is and "
+            f"the run is kept as DVC experiment {experiment} (`dvc exp apply {experiment}` takes it)"
+        )
+    for relative in changed:
+        source, target = workspace.path / relative, workspace.root / relative
+        if source.is_file():
+            with atomic_path(target) as scratch:
+                shutil.copy2(source, scratch)
+        else:
+            target.unlink(missing_ok=True)
+    _dvc(workspace.root, "checkout", "--quiet")
+    return changed
+
+
+def restore_outputs(workspace: Workspace, outputs: list[str]) -> None:
+    """Put a failed stage's outputs back as the project holds them (DVC removed them before the stage ran)."""
+    for relative in outputs:
+        _copy(workspace.root / relative, workspace.path / relative)
+
+
+def in_workspace(path: Path) -> bool:
+    """Whether `path` is a run workspace (its files must not be linked to from artifacts that outlive it)."""
+    return RUNS_DIR in Path(os.path.abspath(path)).as_posix()
