@@ -181,6 +181,33 @@ def test_stored_reference_logps_equal_a_direct_computation(pipeline):
             assert row[f"ref_{side}_logps"] == pytest.approx(direct, abs=1e-3)
 
 
+def test_no_output_records_where_this_machine_keeps_things(pipeline):
+    """Artifacts travel (DVC remote, model hub, experiments): the model card, metrics, data, logs and dvc.lock name
+    no absolute path of this machine (the project, the checkout it was made from, the home folder)."""
+    import os
+    from pathlib import Path
+
+    from conftest import ROOT
+
+    places = {str(pipeline), str(ROOT), os.path.expanduser("~") + "/"}
+    card = pipeline / "models/merged/README.md"
+    assert card.is_file()
+    written = [card, pipeline / "dvc.lock"] + [
+        path
+        for folder in ("metrics", "models", "data", "logs", "plots", "reports")
+        if (pipeline / folder).is_dir()
+        for path in (pipeline / folder).rglob("*")
+        if path.is_file()
+    ]
+    leaked = {
+        str(path.relative_to(pipeline)): place
+        for path in written
+        for place in places
+        if place.encode() in Path(path).read_bytes()
+    }
+    assert len(written) > 50 and not leaked, leaked
+
+
 def test_second_repro_runs_nothing(project_copy):
     assert stages_run(dvc(project_copy, "repro").stdout) == set()
 

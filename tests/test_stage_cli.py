@@ -73,3 +73,53 @@ def test_a_model_base_that_is_neither_a_folder_nor_a_cached_hub_id_exits_2_in_ba
     assert result.returncode == 2, result.stderr
     assert f"model.base {base}: not a folder and not a hub id in the local cache" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def run_with_file_size_limit(project: Path, stage_name: str, limit_bytes: int) -> subprocess.CompletedProcess:
+    """The stage's own command (from dvc.lock), unwarmed, where no file may grow past `limit_bytes`: a full disk
+    as a process meets it (the write fails with EFBIG instead of ENOSPC)."""
+    import os
+    import resource
+    import shlex
+    import signal
+
+    import yaml
+
+    from tasks.lib.warm import WARM_ENV
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    command = shlex.split(yaml.safe_load((project / "dvc.lock").read_text())["stages"][stage_name]["cmd"])
+    env = {key: value for key, value in os.environ.items() if key != WARM_ENV}  # the limit is this process's own
+    return subprocess.run(
+        [sys.executable, *command[1:]], cwd=project, env=env, capture_output=True, text=True, preexec_fn=limit
+    )
+
+
+@pytest.mark.parametrize(
+    ("stage_name", "outputs", "limit_bytes"),
+    [
+        ("prepare", ["data/prepared/sft_train.jsonl", "data/prepared/sft_heldout.jsonl"], 1000),
+        ("merge", ["models/merged"], 20_000),  # safetensors writes from native code
+    ],
+)
+def test_a_stage_the_disk_refuses_fails_with_one_message_and_keeps_its_previous_outputs(
+    project_copy, stage_name, outputs, limit_bytes
+):
+    def contents() -> dict[str, bytes]:
+        files = [path for output in outputs for path in [project_copy / output, *(project_copy / output).rglob("*")]]
+        return {str(path): path.read_bytes() for path in files if path.is_file()}
+
+    before = contents()
+    assert before and max(len(content) for content in before.values()) > limit_bytes, "the limit proves nothing"
+
+    result = run_with_file_size_limit(project_copy, stage_name, limit_bytes)
+
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "the file system refused:" in result.stderr and "larger than the file-size limit" in result.stderr
+    assert "previous ones are left as they were" in result.stderr and "Traceback" not in result.stderr
+    assert contents() == before
+    leftovers = [path for output in outputs for path in (project_copy / output).parent.glob(".*")]
+    assert not leftovers, f"scratch files left behind: {leftovers}"

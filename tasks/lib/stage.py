@@ -13,12 +13,15 @@ function's documentation and its command line cannot drift apart.
 
 Bad input (invalid params, an unknown round, a `BadInput` such as `DataError`) ends the process with
 one clear message on stderr and exit status 2, which the Prefect flow does not retry: retrying
-cannot fix an input.
+cannot fix an input. An output the disk will not take (no space, a file-size limit or quota, a read-only
+folder) ends it with one message naming the file and the reason, exit status 1; outputs are replaced only once
+whole (`tasks.lib.files.atomic_path`), so the previous ones are left as they were.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import os
 import re
@@ -38,6 +41,32 @@ BAD_INPUT_EXIT = 2
 """Exit status of a stage refused its input (params, data, arguments): retrying cannot help."""
 ROUND_PARAMETER = "round_name"
 PARAMS_PARAMETER = "params"
+
+
+UNWRITABLE = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "larger than the file-size limit",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+}
+"""Why a disk refuses a write, by errno: the stage can do nothing about these but say so."""
+
+
+def unwritable(error: BaseException) -> str | None:
+    """`<file>: <reason>` when `error` (or what caused it) is a disk refusing a write, else None.
+
+    Libraries that write through native code (safetensors) report the OS error in their message only.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in UNWRITABLE:
+            return f"{seen.filename or 'an output'}: {UNWRITABLE[seen.errno]} ({seen.strerror})"
+        native = re.search(r"os error (\d+)", str(seen))
+        if native and int(native.group(1)) in UNWRITABLE:
+            return f"{UNWRITABLE[int(native.group(1))]} ({seen})"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def exit_bad_input(message: str) -> NoReturn:
@@ -127,5 +156,15 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
         work(**arguments)
     except BadInput as error:
         exit_bad_input(f"{error.kind}:\n{error}")
+    except Exception as error:
+        problem = unwritable(error)
+        if problem is None:
+            raise
+        print(
+            f"the file system refused: {problem}. Outputs are replaced only once whole, so the previous ones are "
+            "left as they were; free space or fix the folder, then re-run.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     if timed:
         timing.write(work.__module__.rsplit(".", 1)[-1] + (f"@{round_name}" if round_name else ""))
