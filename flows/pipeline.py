@@ -45,6 +45,7 @@ from flows.dvc_project import (
     use_remote,
 )
 from flows.params_file import extended_rounds, write_params
+from flows.project_lock import holding_experiments, holding_tree
 from flows.reports import changed_params, eval_summary_rows, guard_warnings, read_scores, run_report_markdown
 from flows.sweep import point_rows, run_sweep
 from flows.workspace import Workspace, WorkspaceConflict, bring_back, isolated_workspace, restore_outputs
@@ -119,18 +120,37 @@ def dvc_stage(project: str, name: str, may_have_changed: bool, push: bool = Fals
     return Completed(name=run.outcome, message=f"{run.outcome} in {run.seconds:.1f} s", data=run)
 
 
-def run_stages(root: Path, graph: StageGraph, params: Params) -> tuple[list[StageRun], StageFailed | None]:
-    """Every stage in order until one fails.
+class TreeChanged(RuntimeError):
+    """Another command (a `dvc repro`, a run in another folder's process) changed the project during this run."""
+
+
+def _lock_entries(root: Path) -> tuple[bytes, dict[str, Any]]:
+    lock = root / "dvc.lock"
+    raw = lock.read_bytes() if lock.is_file() else b""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return raw, (yaml.load(raw, Loader=loader) or {}).get("stages", {}) if raw else {}
+
+
+def run_stages(
+    root: Path, graph: StageGraph, params: Params
+) -> tuple[list[StageRun], StageFailed | TreeChanged | None]:
+    """Every stage in order until one fails, or until dvc.lock shows another command's work.
 
     A stage that `dvc status` reports unchanged, and whose upstream stages all skipped, is not started at all.
+    Between its stages, a run checks that dvc.lock changed only where its own stage did: a `dvc repro` typed while
+    the run works in the same tree stops it (with a message) rather than mixing that command's results into its own.
     """
     stage_task = dvc_stage.with_options(
         retries=params.orchestration.retries, retry_delay_seconds=params.orchestration.retry_delay_seconds
     )
     executed: set[str] = set()
     runs: list[StageRun] = []
+    seen = _lock_entries(root)
     for name in graph.order:
         started = time.perf_counter()
+        before = _lock_entries(root)
+        if before[0] != seen[0]:
+            return runs, _tree_changed(root, name, seen[1], before[1])
         may_have_changed = name in graph.changed or bool(graph.upstream[name] & executed)
         push = params.storage.remote is not None
         state = stage_task(str(root), name, may_have_changed, push, return_state=True)
@@ -144,7 +164,21 @@ def run_stages(root: Path, graph: StageGraph, params: Params) -> tuple[list[Stag
         runs.append(run)
         if run.outcome != SKIPPED:
             executed.add(name)
+        seen = _lock_entries(root)
+        others = {stage for stage in set(before[1]) | set(seen[1]) if stage != name}
+        if any(before[1].get(stage) != seen[1].get(stage) for stage in others):
+            return runs, _tree_changed(root, name, before[1], seen[1], while_running=True)
     return runs, None
+
+
+def _tree_changed(root: Path, name: str, expected: dict, found: dict, while_running: bool = False) -> TreeChanged:
+    changed = sorted(stage for stage in set(expected) | set(found) if expected.get(stage) != found.get(stage))
+    when = f"while {name} ran" if while_running else f"before {name}"
+    return TreeChanged(
+        f"another command changed {root / 'dvc.lock'} {when} (stages {', '.join(changed)}): a `dvc repro` or "
+        "another run in this tree. This run stopped so that its record holds only its own results; run it again "
+        "when the other command is done"
+    )
 
 
 def _check_pushed(root: Path) -> str:
@@ -188,6 +222,8 @@ def _record_failure(
     """
     if not is_git_repository(where):
         return None, "Not recorded: the project is not a git repository with a commit."
+    if isinstance(failure, TreeChanged):
+        return None, "Not recorded: the tree holds another command's results too."
     completed = [run.name for run in runs if run.outcome in (RAN, RESTORED, SKIPPED)]
     if not completed:
         return None, "Not recorded: no stage completed."
@@ -252,7 +288,7 @@ def publish_dashboard(page_root: Path | None, page: Path | None, headline: str |
 
 def _run_pipeline(
     where: Path, params: Params, logger, notes: list[str]
-) -> tuple[list[StageRun], StageFailed | RemoteError | None, StageGraph, dict]:
+) -> tuple[list[StageRun], StageFailed | TreeChanged | None, StageGraph, dict]:
     """Pull (with a remote), run every stage that may have changed, check the push: in `where`."""
     remote = params.storage.remote
     if remote:
@@ -318,20 +354,27 @@ def sft_dpo(
             "overrides, rounds and next_round run in a git worktree of the project and are recorded as DVC "
             "experiments: make the project a git repository with a commit (`git init && git add -A && git commit`)"
         )
-    # A run that changes params works in a workspace of its own: the user's tree stays as the user left it.
-    with isolated_workspace(root, name) if changes else contextlib.nullcontext() as workspace:
+    # A run that changes params works in a workspace of its own: the user's tree stays as the user left it. A plain
+    # run works in the tree and holds it: a second plain run is refused rather than mixed with this one.
+    with (
+        isolated_workspace(root, name) if changes else contextlib.nullcontext() as workspace,
+        contextlib.nullcontext() if changes else holding_tree(root, name, wait=False),
+    ):
         where = workspace.path if workspace else root
         if changes:
             write_params(where / PARAMS_FILE, changes)
         runs, failure, graph, previous_scores = _run_pipeline(where, plan.params, logger, notes)
-        if failure is None:
-            experiment, note = _record(where, graph, name)
-        else:
-            experiment, note = _record_failure(where, graph, runs, failure, name, workspace)
+        with holding_experiments(root):
+            if failure is None:
+                experiment, note = _record(where, graph, name)
+            else:
+                experiment, note = _record_failure(where, graph, runs, failure, name, workspace)
         notes.append(note)
         if workspace is not None:
             try:
-                notes.append(_workspace_note(workspace, experiment, bring=failure is None and bool(plan.lasting)))
+                with holding_tree(root, name, wait=True):
+                    bring = failure is None and bool(plan.lasting)
+                    notes.append(_workspace_note(workspace, experiment, bring=bring))
             except WorkspaceConflict as conflict:
                 failure = conflict
                 notes.append(str(conflict))
