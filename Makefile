@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3 bench-stages bench-sweep bench-peer bench-scale sweep
+.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3 bench-stages bench-sweep bench-peer bench-scale chaos sweep
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -37,6 +37,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m tasks.lib.params_cli --params params.yaml
+	$(BIN)/python -m flows.lockfile
 	$(BIN)/python -m tasks.lib.warm -- $(BIN)/dvc repro
 	@echo
 	@# The report stage prints the table; re-running it alone (deterministic, a second) shows it even when nothing changed.
@@ -127,6 +128,10 @@ bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale.py $(ARGS)
 
 # The demo's pipeline vs the same work as one plain transformers/TRL/lm-eval script (ARGS='--cold' adds plain dvc repro).
+# Crash injection: SIGKILL dvc repro / the flow in every stage, rerun, check (prints the table; ~10 min).
+chaos: $(STAMP)
+	$(BIN)/python benchmarks/chaos.py $(ARGS)
+
 bench-peer: $(STAMP)
 	$(BIN)/python benchmarks/peer.py $(ARGS)
 

@@ -44,6 +44,7 @@ from flows.dvc_project import (
     unpushed_outputs,
     use_remote,
 )
+from flows.lockfile import recover_after_kill
 from flows.params_file import extended_rounds, write_params
 from flows.project_lock import holding_experiments, holding_tree
 from flows.reports import changed_params, eval_summary_rows, guard_warnings, read_scores, run_report_markdown
@@ -344,11 +345,15 @@ def sft_dpo(
         if overrides or rounds or next_round:
             raise ParamsError("sweep: runs on its own; give the other keys as sweep axes with one value")
         return _sweep(root, sweep, logger)
+    notes: list[str] = []
+    for repaired in recover_after_kill(root):  # a dvc command killed mid-write left DVC's state half-written
+        logger.warning(repaired)
+        notes.append(repaired)
     original = yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8"))
     plan = plan_run(root / PARAMS_FILE, overrides or {}, rounds, next_round)
     changes = {**plan.lasting, **plan.this_run}
     name = f"{flow_run.name}-{flow_run.id[:8]}"
-    experiment, notes = None, []
+    experiment = None
     if changes and not is_git_repository(root):
         raise ParamsError(
             "overrides, rounds and next_round run in a git worktree of the project and are recorded as DVC "

@@ -31,6 +31,7 @@ from tasks.lib.training import (
     final_model_dir,
     logged_history,
     lora_config,
+    publish_logs,
     reference_free_trainer,
     resume_checkpoint,
     training_arguments,
@@ -236,6 +237,7 @@ def train_round(
         "quality": "failed-quality" if reasons else "ok",
         "guard_reasons": reasons,
     }
+    publish_logs(checkpoints, logs)
     write_json(
         plots, [{"step": row["step"], **{k: row[k] for k in PLOTTED if k in row}} for row in history if "loss" in row]
     )

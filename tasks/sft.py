@@ -21,7 +21,14 @@ from tasks.lib.policies import load_base_tokenizer, load_model, resolve_base, sc
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 from tasks.lib.timing import phase
-from tasks.lib.training import final_model_dir, logged_history, lora_config, resume_checkpoint, training_arguments
+from tasks.lib.training import (
+    final_model_dir,
+    logged_history,
+    lora_config,
+    publish_logs,
+    resume_checkpoint,
+    training_arguments,
+)
 
 
 def losses(history: list[dict], key: str = "loss") -> list[float]:
@@ -117,6 +124,7 @@ def train_sft(
         "train_loss_last": train_losses[-1] if train_losses else None,
         "eval_loss": evaluation["eval_loss"],
     }
+    publish_logs(checkpoints, logs)
     write_json(plots, [row for row in history if "loss" in row])
     write_json(metrics, summary)
     # Whether it resumed is a fact of this run, not of its result: printed, not in the metrics.

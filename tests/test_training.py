@@ -33,6 +33,7 @@ def test_one_training_run_logs_to_tensorboard_wandb_offline_and_mlflow(tmp_path,
 
     from tasks.base import build_base
     from tasks.lib.policies import load_base_tokenizer
+    from tasks.lib.training import publish_logs
     from tasks.sft import sft_trainer
 
     params = load_params(
@@ -51,6 +52,8 @@ def test_one_training_run_logs_to_tensorboard_wandb_offline_and_mlflow(tmp_path,
     trainer, _ = sft_trainer(params, model, tokenizer, data, tmp_path / "checkpoints", tmp_path / "logs")
     trainer.train()
     trainer.accelerator.end_training()  # closes the trackers' runs, as a stage process does when it exits
+    assert not list((tmp_path / "logs").rglob("events.out.tfevents.*")), "the logs output was written live"
+    publish_logs(tmp_path / "checkpoints", tmp_path / "logs")  # as the stage does once it has succeeded
 
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
     (run,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    _remove_scratch_of_dead_writers(final)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", dir=final.parent)) / final.name
     try:
         yield scratch
         if final.is_dir():
@@ -30,6 +32,24 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         os.replace(scratch, final)
     finally:
         shutil.rmtree(scratch.parent, ignore_errors=True)
+
+
+def _remove_scratch_of_dead_writers(final: Path) -> None:
+    """Scratch folders a killed writer left beside `final` (`.<name>.<pid>.<random>`, that pid no longer running)."""
+    for leftover in final.parent.glob(f".{glob.escape(final.name)}.*.*"):
+        pid = leftover.name[len(final.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_utf8(path: str | Path, error: type[Exception]) -> str:

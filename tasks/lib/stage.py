@@ -25,6 +25,7 @@ import errno
 import inspect
 import os
 import re
+import shutil
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -37,6 +38,9 @@ from tasks.lib.params import ParamsError, load_params
 from tasks.lib.policies import skip_bitsandbytes_unless_quantized, skip_unused_trackers
 from tasks.lib.schema import Params
 
+WHOLE_LOCK_COPY = ".dvc/tmp/dvc.lock.whole"
+"""Where each stage keeps dvc.lock as DVC left it before starting the stage (whole: DVC just read it), so that one
+half-written by a killed `dvc` command can be put back (flows/lockfile.py)."""
 BAD_INPUT_EXIT = 2
 """Exit status of a stage refused its input (params, data, arguments): retrying cannot help."""
 ROUND_PARAMETER = "round_name"
@@ -131,6 +135,15 @@ def _hand_off_if_warm(work: Callable[..., Any], params: Params) -> None:
     warm.hand_off(spec.name, needs_kept_out)
 
 
+def _keep_whole_lock_copy() -> None:
+    """Run by DVC, a stage starts in the project, whose dvc.lock DVC has just read whole: keep a copy of it."""
+    lock, copy = Path("dvc.lock"), Path(WHOLE_LOCK_COPY)
+    if lock.is_file() and copy.parent.is_dir():
+        scratch = copy.with_name(f"{copy.name}.{os.getpid()}")
+        shutil.copyfile(lock, scratch)
+        os.replace(scratch, copy)
+
+
 def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> None:
     """Parse the command line `work`'s signature describes, validate params.yaml, call `work`.
 
@@ -138,6 +151,8 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
     """
     timed = timing.start()
     arguments = vars(build_parser(work).parse_args(argv))
+    if distributed.rank() == 0:
+        _keep_whole_lock_copy()
     try:
         params = load_params(arguments[PARAMS_PARAMETER])
     except ParamsError as error:

@@ -17,7 +17,7 @@ from typing import Any
 
 from tasks.lib import distributed
 from tasks.lib.errors import SettingError
-from tasks.lib.files import read_json
+from tasks.lib.files import atomic_path, read_json
 from tasks.lib.policies import has_cuda
 from tasks.lib.schema import LoraParams, Params, TrackingParams, TrainingParams
 
@@ -62,7 +62,7 @@ def trackers(tracking: TrackingParams, logs_dir: Path | None) -> list[str]:
             f"tracking.report_to: {', '.join(missing)} not installed (pip install {' '.join(missing)}, "
             "or remove it from the list)"
         )
-    logs_dir.mkdir(parents=True, exist_ok=True)  # a DVC output, whether or not TensorBoard writes into it
+    logs_dir.mkdir(parents=True, exist_ok=True)
     # transformers 5 reads TensorBoard's folder from the environment only.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs_dir)
     if "wandb" in tracking.report_to:
@@ -75,6 +75,22 @@ def trackers(tracking: TrackingParams, logs_dir: Path | None) -> list[str]:
         os.environ.setdefault("MLFLOW_TRACKING_URI", uri if "://" in uri else f"sqlite:///{Path(uri).resolve()}")
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", tracking.mlflow_experiment)
     return list(tracking.report_to)
+
+
+LIVE_LOGS = "tensorboard"
+"""The trainers' TensorBoard folder while they train, inside the stage's checkpoints (a resumed run appends to it)."""
+
+
+def publish_logs(checkpoint_dir: Path, logs_dir: Path | None) -> None:
+    """Put the run's TensorBoard folder into the stage's `logs` output, whole (a killed run leaves none there)."""
+    if logs_dir is None:
+        return
+    live = checkpoint_dir / LIVE_LOGS
+    with atomic_path(logs_dir) as scratch:
+        if live.is_dir():
+            shutil.copytree(live, scratch)
+        else:
+            scratch.mkdir()
 
 
 def training_arguments(
@@ -107,7 +123,8 @@ def training_arguments(
         "logging_first_step": True,  # a run shorter than logging_steps still reports its loss
         "seed": train.seed,
         "data_seed": train.seed,
-        "report_to": trackers(tracking or TrackingParams(), logs_dir),
+        # TensorBoard writes beside the checkpoints while training; `publish_logs` puts the folder in place whole.
+        "report_to": trackers(tracking or TrackingParams(), checkpoint_dir / LIVE_LOGS if logs_dir else None),
         "disable_tqdm": not sys.stderr.isatty(),
         "dataloader_num_workers": 0,
     }
