@@ -108,7 +108,6 @@ def test_an_override_runs_what_dvc_says_apart_from_the_tree_and_dvc_exp_apply_ta
         check=True,
     ).stdout
     assert yaml.safe_load(recorded)["dpo"]["gate"]["max_perplexity_rise"] == 1.5
-    assert set(run_flow(project).result()["stages"].values()) == {SKIPPED}
 
     dvc(project, "exp", "apply", experiment)
     assert yaml.safe_load((project / "params.yaml").read_text())["dpo"]["gate"]["max_perplexity_rise"] == 1.5

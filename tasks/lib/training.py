@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,11 @@ def reference_free_trainer(objective: str, params: Params, training: dict[str, A
     The pair columns are handed over under other names, so TRL's own prompt extraction and chat-template pass
     leave them alone, and `tokenize_row` (the trainers' per-row hook) builds each row from DPO's ids.
     """
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # chosen knowingly: the trainers live in trl.experimental
+    from trl.import_utils import TRLExperimentalWarning
+
+    # Chosen knowingly: the trainers live in trl.experimental. A filter, not TRL's environment switch, which would
+    # leak into every process this one starts.
+    warnings.filterwarnings("ignore", category=TRLExperimentalWarning)
     settings = params.dpo.reference_free
     sequence = params.dpo.sequence
     common = {**training, "max_length": sequence.max_length, "remove_unused_columns": False}
