@@ -33,3 +33,4 @@ def test_killed_stages_resume_to_the_uninterrupted_outputs_and_none_is_ever_half
     assert [trial.stage for trial in trials if trial.corrupted] == []
     assert [(trial.stage, trial.note) for trial in trials if not trial.rerun_completed] == []
     assert all(trial.identical for trial in trials), summary_rows(trials)
+    assert [trial.scratch_after_rerun for trial in trials if trial.scratch_after_rerun] == []
