@@ -63,9 +63,10 @@ TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not slow" tests
 
-# Whole pipelines on real third-party artifacts (../shared/real): minutes each, so outside `make test`.
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=5 -m slow tests
+# What takes minutes, so outside `make test` (CI runs both): whole pipelines on real third-party artifacts
+# (../shared/real), crash injection, two clones through a remote, a real browser, a served work pool, runs at once.
+test-slow: $(STAMP) browser
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=8 -m slow tests
 
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \

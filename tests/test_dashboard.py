@@ -139,6 +139,7 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow  # a real browser: a minute; in `make test-slow`, which CI runs too
 @pytest.mark.skipif(
     chromium() is None and os.environ.get("SFT_DPO_REQUIRE_BROWSER") != "1",
     reason="no Chromium on this machine (`make test` installs Debian's chromium where it can; CI requires it)",

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import commit_all, edit_params, make_shell_project, project_env
 
@@ -80,6 +81,7 @@ def recorded(project: Path, commit: str, path: str) -> str:
     ).stdout
 
 
+@pytest.mark.slow  # five processes on two cores; CI runs it
 def test_runs_started_together_complete_or_are_refused_and_never_mix(harness, tmp_path):
     from filelock import FileLock
     from prefect.settings import PREFECT_API_URL

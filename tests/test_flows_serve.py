@@ -164,6 +164,7 @@ def run_pool_deployment(env: dict, project: Path, worker_folder: Path) -> tuple[
     return result, worker_log
 
 
+@pytest.mark.slow  # a server, a runner, a work pool, a worker and a run: most of a minute; CI runs it
 def test_off_loopback_the_server_needs_a_password_and_a_work_pool_runs_behind_it(tmp_path):
     """127.0.0.2 stands in for a network address: anything but 127.0.0.1/localhost/::1 needs basic auth and CSRF.
     Behind it, prefect.yaml's `sft-dpo/pool` runs to completion on a real process pool through a worker in another
