@@ -5,6 +5,10 @@ from DVC, runs each stage with `dvc repro --single-item` (so DVC decides ran / s
 from its run-cache and records dvc.lock), forwards every line of output to the run's logs, records
 the run as a DVC experiment and publishes the `eval-summary` and `run-report` artifacts, and the `dashboard`
 stage's page: a link artifact to the file and its headline (tables and charts) as a markdown artifact.
+
+A run with parameters (overrides, rounds, next_round) works in a git worktree of its own (flows/workspace.py) and
+never writes the project's tree; a plain run works in the tree and holds it (flows/project_lock.py). Every run
+first repairs DVC state a killed `dvc` command left half-written (flows/lockfile.py).
 """
 
 from __future__ import annotations
@@ -67,9 +71,9 @@ class RunPlan:
 
     params: Params
     lasting: dict[str, Any] = field(default_factory=dict)
-    """Changes kept after a successful run (the round `next_round` appends)."""
+    """Changes brought back into the project after a successful run (the round `next_round` appends)."""
     this_run: dict[str, Any] = field(default_factory=dict)
-    """Overrides for this run only; params.yaml is restored afterwards."""
+    """Overrides for this run only: they live in the run's workspace and its experiment."""
 
 
 def plan_run(path: Path, overrides: dict[str, Any], rounds: int | None, next_round: bool) -> RunPlan:
