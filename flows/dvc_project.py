@@ -153,10 +153,7 @@ def save_experiment(
 
 def restore_stage_outputs(root: Path, name: str) -> None:
     """Put back the outputs dvc.lock records for a stage (DVC removes them before it runs the stage) from the cache."""
-    command = [sys.executable, "-m", "dvc", "checkout", "--force", "--allow-missing", "--quiet", name]
-    result = subprocess.run(command, cwd=root, env=stage_environment(), capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"dvc checkout {name} failed:\n{result.stdout}{result.stderr}")
+    run_dvc(root, "checkout", "--force", "--allow-missing", "--quiet", name)
 
 
 def experiment_commits(root: Path) -> dict[str, str]:
@@ -183,14 +180,23 @@ class RemoteError(RuntimeError):
     """A pull, push or check against `storage.remote` failed: the run is not reported done."""
 
 
-def _dvc_remote_command(root: Path, *arguments: str) -> subprocess.CompletedProcess:
+def run_dvc(
+    root: Path,
+    *arguments: str,
+    error: type[Exception] = RuntimeError,
+    context: str = "",
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """`dvc <arguments>` in `root` (the stages' environment unless `env`); `error` with its output if it fails."""
     command = [sys.executable, "-m", "dvc", *arguments]
-    result = subprocess.run(command, cwd=root, env=stage_environment(), capture_output=True, text=True)
+    result = subprocess.run(command, cwd=root, env=env or stage_environment(), capture_output=True, text=True)
     if result.returncode != 0:
-        raise RemoteError(
-            f"dvc {' '.join(arguments)} failed (storage.remote):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
-        )
+        raise error(f"dvc {' '.join(arguments)} failed{context}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
     return result
+
+
+def _dvc_remote_command(root: Path, *arguments: str) -> subprocess.CompletedProcess:
+    return run_dvc(root, *arguments, error=RemoteError, context=" (storage.remote)")
 
 
 def use_remote(root: Path, url: str) -> None:

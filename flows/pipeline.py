@@ -129,9 +129,13 @@ class TreeChanged(RuntimeError):
     """Another command (a `dvc repro`, a run in another folder's process) changed the project during this run."""
 
 
-def _lock_entries(root: Path) -> tuple[bytes, dict[str, Any]]:
+def _lock_bytes(root: Path) -> bytes:
     lock = root / "dvc.lock"
-    raw = lock.read_bytes() if lock.is_file() else b""
+    return lock.read_bytes() if lock.is_file() else b""
+
+
+def _lock_entries(root: Path) -> tuple[bytes, dict[str, Any]]:
+    raw = _lock_bytes(root)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     return raw, (yaml.load(raw, Loader=loader) or {}).get("stages", {}) if raw else {}
 
@@ -150,12 +154,11 @@ def run_stages(
     )
     executed: set[str] = set()
     runs: list[StageRun] = []
-    seen = _lock_entries(root)
+    before = _lock_entries(root)
     for name in graph.order:
         started = time.perf_counter()
-        before = _lock_entries(root)
-        if before[0] != seen[0]:
-            return runs, _tree_changed(root, name, seen[1], before[1])
+        if _lock_bytes(root) != before[0]:
+            return runs, _tree_changed(root, name, before[1], _lock_entries(root)[1])
         may_have_changed = name in graph.changed or bool(graph.upstream[name] & executed)
         push = params.storage.remote is not None
         state = stage_task(str(root), name, may_have_changed, push, return_state=True)
@@ -169,10 +172,13 @@ def run_stages(
         runs.append(run)
         if run.outcome != SKIPPED:
             executed.add(name)
+        if _lock_bytes(root) == before[0]:
+            continue  # a stage that did not run left dvc.lock as it was: nothing to parse
         seen = _lock_entries(root)
         others = {stage for stage in set(before[1]) | set(seen[1]) if stage != name}
         if any(before[1].get(stage) != seen[1].get(stage) for stage in others):
             return runs, _tree_changed(root, name, before[1], seen[1], while_running=True)
+        before = seen
     return runs, None
 
 
@@ -310,7 +316,7 @@ def _run_pipeline(
     return runs, failure, graph, previous_scores
 
 
-def _workspace_note(workspace: Workspace, experiment: str | None, bring: bool) -> str:
+def _workspace_note(workspace: Workspace, run: str, experiment: str | None, bring: bool) -> str:
     """Bring a next round back into the project, or say how to take the run."""
     if experiment is None:
         return "The run's workspace is removed; nothing was recorded."
@@ -319,7 +325,8 @@ def _workspace_note(workspace: Workspace, experiment: str | None, bring: bool) -
             f"Ran in a workspace of its own: the project's params.yaml, dvc.lock and outputs are untouched; "
             f"`dvc exp apply {experiment}` takes this run into the project."
         )
-    changed = bring_back(workspace, experiment)  # WorkspaceConflict fails the run; the experiment stays
+    with holding_tree(workspace.root, run, wait=True):  # not while a plain run works in the tree
+        changed = bring_back(workspace, experiment)  # WorkspaceConflict fails the run; the experiment stays
     return f"The new round is in the project: {', '.join(changed)} updated and its outputs checked out."
 
 
@@ -381,9 +388,7 @@ def sft_dpo(
         notes.append(note)
         if workspace is not None:
             try:
-                with holding_tree(root, name, wait=True):
-                    bring = failure is None and bool(plan.lasting)
-                    notes.append(_workspace_note(workspace, experiment, bring=bring))
+                notes.append(_workspace_note(workspace, name, experiment, bring=failure is None and bool(plan.lasting)))
             except WorkspaceConflict as conflict:
                 failure = conflict
                 notes.append(str(conflict))

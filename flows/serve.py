@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tasks.lib.files import process_running as alive
 from tasks.lib.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,14 +224,6 @@ def serve_detached(args: argparse.Namespace) -> None:
         f"serving in the background (pid {runner.pid}, log {log}); UI at {api_url.removesuffix('/api')}; "
         "`make stop` stops it"
     )
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def stop(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from flows.dvc_project import SUMMARY_STAGE, read_graph, stage_environment, with_git_identity
+from flows.dvc_project import SUMMARY_STAGE, read_graph, run_dvc, stage_environment, with_git_identity
 from tasks.lib.params import ParamsError, load_params
 from tasks.lib.warm import warm_stages
 
@@ -72,13 +72,9 @@ def _set_param(raw: dict, key: str, value: Any) -> str:
 
 
 def _dvc(root: Path, *arguments: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "dvc", *arguments]
     env = with_git_identity(root, stage_environment())
     env.setdefault("DVC_SITE_CACHE_DIR", str(root / ".dvc" / "site_cache"))  # absolute: experiments run elsewhere
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[2:])} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    return result
+    return run_dvc(root, *arguments, env=env)
 
 
 def run_sweep(

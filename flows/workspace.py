@@ -10,14 +10,13 @@ round is brought back by `bring_back` only if none of the files it changed were 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flows.dvc_project import run_dvc
 from tasks.lib.files import atomic_path
 
 RUNS_DIR = ".dvc/tmp/runs"
@@ -34,20 +33,22 @@ class Workspace:
     """The user's project."""
     path: Path
     """The run's checkout."""
-    started: dict[str, bytes | None] = field(default_factory=dict)
-    """The project's files under git and those git sees changed, as they were when the run started (None: absent);
-    a run writes params.yaml, dvc.lock and uncached metrics (DVC keeps the other outputs in its cache)."""
+    base: str
+    """The commit both started from."""
+    copied: dict[str, bytes | None] = field(default_factory=dict)
+    """The files git saw changed in the project when the run started, as they were then (None: absent); every
+    other file was as in `base`."""
+
+    def started(self, relative: str) -> bytes | None:
+        """A file of the project as it was when the run started (None: absent)."""
+        if relative in self.copied:
+            return self.copied[relative]
+        shown = subprocess.run(["git", "show", f"{self.base}:{relative}"], cwd=self.root, capture_output=True)
+        return shown.stdout if shown.returncode == 0 else None
 
 
 def _git(folder: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *arguments], cwd=folder, capture_output=True, text=True, check=check)
-
-
-def _dvc(folder: Path, *arguments: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "dvc", *arguments], cwd=folder, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(arguments)} in {folder.name} failed:\n{result.stdout}{result.stderr}")
-    return result
 
 
 def _changed_files(folder: Path) -> list[str]:
@@ -86,21 +87,20 @@ def isolated_workspace(root: Path, name: str) -> Iterator[Workspace]:
     root = root.resolve()
     path = root / RUNS_DIR / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    cache = _dvc(root, "cache", "dir").stdout.strip()
-    _git(root, "worktree", "add", "--detach", "--force", str(path), "HEAD")
+    cache = run_dvc(root, "cache", "dir").stdout.strip()
+    base = _git(root, "rev-parse", "HEAD").stdout.strip()
+    _git(root, "worktree", "add", "--detach", "--force", str(path), base)
     try:
-        copied = _changed_files(root)
-        tracked = set(_git(root, "ls-files", "-z").stdout.split("\0")) - {""}
-        workspace = Workspace(root, path, {relative: _read(root / relative) for relative in tracked | set(copied)})
-        for relative in copied:
+        workspace = Workspace(root, path, base, {relative: _read(root / relative) for relative in _changed_files(root)})
+        for relative in workspace.copied:
             _copy(root / relative, path / relative)
         local_config = root / ".dvc" / "config.local"
         if local_config.is_file():
             shutil.copy2(local_config, path / ".dvc" / "config.local")
-        _dvc(path, "config", "--local", "cache.dir", cache)
+        run_dvc(path, "config", "--local", "cache.dir", cache)
         # Links where the file system allows (DVC protects linked outputs); a copy elsewhere.
-        _dvc(path, "config", "--local", "cache.type", "reflink,hardlink,copy")
-        _dvc(path, "checkout", "--allow-missing")
+        run_dvc(path, "config", "--local", "cache.type", "reflink,hardlink,copy")
+        run_dvc(path, "checkout", "--allow-missing")
         yield workspace
     finally:
         _git(root, "worktree", "remove", "--force", str(path), check=False)
@@ -110,8 +110,9 @@ def isolated_workspace(root: Path, name: str) -> Iterator[Workspace]:
 
 def run_changes(workspace: Workspace) -> list[str]:
     """The git-visible files whose content the run changed in its workspace (params.yaml, dvc.lock, metrics)."""
-    candidates = set(_changed_files(workspace.path)) | set(workspace.started)
-    return sorted(path for path in candidates if _read(workspace.path / path) != workspace.started.get(path))
+    # A file neither copied in nor changed against `base` in the workspace is as it was when the run started.
+    candidates = set(_changed_files(workspace.path)) | set(workspace.copied)
+    return sorted(path for path in candidates if _read(workspace.path / path) != workspace.started(path))
 
 
 def bring_back(workspace: Workspace, experiment: str) -> list[str]:
@@ -121,7 +122,7 @@ def bring_back(workspace: Workspace, experiment: str) -> list[str]:
     started; the run stays available as experiment `experiment`.
     """
     changed = run_changes(workspace)
-    edited = [relative for relative in changed if _read(workspace.root / relative) != workspace.started.get(relative)]
+    edited = [relative for relative in changed if _read(workspace.root / relative) != workspace.started(relative)]
     if edited:
         raise WorkspaceConflict(
             f"{', '.join(edited)} changed in {workspace.root} while the run ran; the project is left as it is and "
@@ -134,7 +135,7 @@ def bring_back(workspace: Workspace, experiment: str) -> list[str]:
                 shutil.copy2(source, scratch)
         else:
             target.unlink(missing_ok=True)
-    _dvc(workspace.root, "checkout", "--quiet")
+    run_dvc(workspace.root, "checkout", "--quiet")
     return changed
 
 
@@ -142,8 +143,3 @@ def restore_outputs(workspace: Workspace, outputs: list[str]) -> None:
     """Put a failed stage's outputs back as the project holds them (DVC removed them before the stage ran)."""
     for relative in outputs:
         _copy(workspace.root / relative, workspace.path / relative)
-
-
-def in_workspace(path: Path) -> bool:
-    """Whether `path` is a run workspace (its files must not be linked to from artifacts that outlive it)."""
-    return RUNS_DIR in Path(os.path.abspath(path)).as_posix()

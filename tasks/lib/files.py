@@ -38,11 +38,12 @@ def _remove_scratch_of_dead_writers(final: Path) -> None:
     """Scratch folders a killed writer left beside `final` (`.<name>.<pid>.<random>`, that pid no longer running)."""
     for leftover in final.parent.glob(f".{glob.escape(final.name)}.*.*"):
         pid = leftover.name[len(final.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not process_running(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

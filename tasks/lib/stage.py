@@ -151,8 +151,6 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
     """
     timed = timing.start()
     arguments = vars(build_parser(work).parse_args(argv))
-    if distributed.rank() == 0:
-        _keep_whole_lock_copy()
     try:
         params = load_params(arguments[PARAMS_PARAMETER])
     except ParamsError as error:
@@ -166,6 +164,8 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
             # A command line: on several processes if `compute` says so (each launched process runs here on one).
             distributed.relaunch_if_distributed(params.compute, sys.modules["__main__"].__spec__.name, sys.argv[1:])
         _hand_off_if_warm(work, params)
+        if distributed.rank() == 0:  # once: here, not in a process that launches or hands off the stage
+            _keep_whole_lock_copy()
         skip_bitsandbytes_unless_quantized(params.model)
         skip_unused_trackers(params.tracking.report_to)
         work(**arguments)
