@@ -28,9 +28,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onpolicy import clone, reproduce  # noqa: E402  (the other benchmark's clean-clone helpers)
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("Lily", "Tom", "Sue", "Ben", "Mia", "Max", "Anna", "Tim", "Lucy", "Sam", "Zoe", "Jack")
-THINGS = ("a red ball", "a big tree", "a little dog", "a shiny star", "a blue boat", "a soft cat", "a tall hill")
-PLACES = ("the park", "the garden", "the beach", "the forest", "the shop", "the lake", "school")
+NAMES = (
+    "Lily", "Tom", "Sue", "Ben", "Mia", "Max", "Anna", "Tim", "Lucy", "Sam", "Zoe", "Jack", "Emma", "Leo", "Rose",
+    "Bob",
+)  # fmt: skip
+THINGS = (
+    "a red ball", "a big tree", "a little dog", "a shiny star", "a blue boat", "a soft cat", "a tall hill",
+    "a green frog", "a yellow kite", "a small bird",
+)  # fmt: skip
+PLACES = (
+    "the park", "the garden", "the beach", "the forest", "the shop", "the lake", "school", "the yard", "the farm",
+    "the river",
+)  # fmt: skip
+SFT_ROWS, HELDOUT, POOL = 300, 200, 600
+"""Distinct openings (of 1,600 possible) for SFT, held-out pairs (one question = 0.005) and the prompt pool (three
+rounds of 160 fresh prompts each)."""
 MOODS = ("sad", "tired", "scared", "sleepy", "angry", "hungry")
 
 
@@ -50,9 +62,10 @@ def write_data(project: Path, seed: int = 0) -> dict[str, str]:
     rng = random.Random(seed)
     folder = project / "data" / "stories"
     folder.mkdir(parents=True)
-    openings = sorted({opening(rng) for _ in range(2000)})
+    openings = sorted({opening(rng) for _ in range(5000)})
     rng.shuffle(openings)
-    sft, heldout, pool = openings[:300], openings[300:380], openings[380:700]
+    sft, heldout = openings[:SFT_ROWS], openings[SFT_ROWS : SFT_ROWS + HELDOUT]
+    pool = openings[SFT_ROWS + HELDOUT : SFT_ROWS + HELDOUT + POOL]
     files = {
         "sft": [{"prompt": p, "completion": continuation(rng)} for p in sft],
         "eval_pairs": [
@@ -68,7 +81,7 @@ def write_data(project: Path, seed: int = 0) -> dict[str, str]:
     return paths
 
 
-def configure(project: Path, real: Path) -> None:
+def configure(project: Path, real: Path, judge: str = "graded") -> None:
     paths = write_data(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["model"]["base"] = str((real / "models" / "stories260K").resolve())
@@ -76,7 +89,7 @@ def configure(project: Path, real: Path) -> None:
     params["sft"]["train"].update(learning_rate=0.001, epochs=2)
     params["onpolicy"]["prompts"].update(pool=paths["prompts"], per_round=160)
     params["onpolicy"]["generate"]["max_new_tokens"] = 16
-    params["onpolicy"]["judge"] = {"kind": "function", "function": "benchmarks.story_judge:score"}
+    params["onpolicy"]["judge"] = {"kind": "function", "function": f"benchmarks.story_judge:{judge}"}
     params["eval"]["max_new_tokens"] = 16
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -10,7 +10,9 @@ properties, so DPO has a style preference (easy) and a correctness preference
 ``prompts.jsonl`` is the pool the on-policy rounds sample their questions from (the
 SFT questions, so it holds no held-out fact x phrasing).
 
-Held-out facts x phrasings never appear in SFT or DPO training data.
+Held-out facts x phrasings never appear in SFT or DPO training data. There are 800 of them (100 facts x 8
+phrasings): 200 are held out, so one held-out question is 0.005 of an accuracy; SFT takes 320 of the other 600
+and the prompt pool is all 600, so three on-policy rounds of 160 prompts draw fresh questions each round.
 
     python data/generate.py --out data/builtin --seed 0
 """
@@ -27,6 +29,10 @@ PHRASINGS = (
     "Add {a} and {b}.",
     "Compute {a} + {b}.",
     "What do you get when you add {a} to {b}?",
+    "What is {a} + {b}?",
+    "Please add {a} and {b}.",
+    "Compute {a} plus {b}.",
+    "Can you add {a} to {b}?",
 )
 POLITE_SUFFIX = " Happy to help!"
 ROUNDS = ("r1", "r2", "r3", "r4")
@@ -62,7 +68,7 @@ def preference_pair(a: int, b: int, phrasing: str, rng: random.Random) -> dict:
     }
 
 
-def generate(out_dir: Path, seed: int, heldout: int, pairs_per_round: int) -> None:
+def generate(out_dir: Path, seed: int, heldout: int, sft_rows: int, pairs_per_round: int) -> None:
     rng = random.Random(seed)
     combos = [(a, b, p) for a in range(10) for b in range(10) for p in PHRASINGS]
     rng.shuffle(combos)
@@ -70,7 +76,7 @@ def generate(out_dir: Path, seed: int, heldout: int, pairs_per_round: int) -> No
 
     sft = [
         {"messages": user(p.format(a=a, b=b)) + assistant(answer(a + b, rng.random() < 0.5))}
-        for a, b, p in train_combos
+        for a, b, p in train_combos[:sft_rows]
     ]
     eval_pairs = [preference_pair(a, b, p, rng) for a, b, p in heldout_combos]
     files = {"sft.jsonl": sft, "eval_pairs.jsonl": eval_pairs}
@@ -92,10 +98,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "builtin")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--heldout", type=int, default=80, help="fact x phrasing combinations kept out of training")
+    parser.add_argument("--heldout", type=int, default=200, help="fact x phrasing combinations kept out of training")
+    parser.add_argument("--sft-rows", type=int, default=320, help="SFT rows, from the combinations not held out")
     parser.add_argument("--pairs-per-round", type=int, default=200)
     args = parser.parse_args()
-    generate(args.out, args.seed, args.heldout, args.pairs_per_round)
+    generate(args.out, args.seed, args.heldout, args.sft_rows, args.pairs_per_round)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ EVAL_COLUMNS = (
     "correct",
     "polite",
     "perplexity",
+    "chosen_nll",
+    "text_nll",
     "win_rate_vs_sft",
     "lc_win_rate_vs_sft",
     "win_rate_vs_previous",
@@ -47,6 +49,7 @@ EVAL_COLUMNS = (
 METRIC_FAMILIES = {
     "accuracy": ("preference_accuracy", "task_accuracy", "correct", "polite"),
     "perplexity": ("perplexity",),
+    "forgetting: held-out per-token NLL (nats)": ("chosen_nll", "text_nll"),
     "win rate": ("win_rate_vs_sft", "lc_win_rate_vs_sft", "win_rate_vs_previous", "lc_win_rate_vs_previous"),
     "KL to SFT": ("kl_to_sft",),
     "greedy answer length (tokens)": ("answer_tokens_mean", "answer_tokens_p95"),
@@ -322,20 +325,24 @@ def gate_table(view: RunView) -> dict:
             else "-"
         )
         rise = (
-            f"{candidate['perplexity'] / start['perplexity'] - 1:+.2%}"
-            if "perplexity" in start and "perplexity" in candidate
+            f"{candidate['chosen_nll'] / start['chosen_nll'] - 1:+.2%}"
+            if "chosen_nll" in start and "chosen_nll" in candidate
             else "-"
         )
         guard = (view.dpo_metrics.get(name) or {}).get("quality", "-")
         verdict = "promoted" if decision.get("promoted") else f"refused (kept {decision.get('source')})"
         rows.append([name, verdict, drop, rise, guard, "; ".join(decision.get("reasons") or []) or "-"])
+    limits = [f"task accuracy may fall by at most {gate.max_task_accuracy_drop}"]
+    if gate.max_chosen_nll_rise is not None:
+        limits.append(f"held-out preferred answers' NLL may rise by at most {gate.max_chosen_nll_rise:.0%}")
+    if gate.max_perplexity_rise is not None:
+        limits.append(f"perplexity may rise by at most {gate.max_perplexity_rise:.0%}")
     return {
         "caption": (
-            f"promotion gate: task accuracy may fall by at most {gate.max_task_accuracy_drop}, perplexity may rise "
-            f"by at most {gate.max_perplexity_rise:.0%}, the collapse guard "
+            f"promotion gate: {', '.join(limits)}, the collapse guard "
             f"{'must' if gate.require_guard_ok else 'need not'} pass"
         ),
-        "header": ["round", "decision", "task accuracy drop", "perplexity rise", "collapse guard", "reasons"],
+        "header": ["round", "decision", "task accuracy drop", "chosen NLL rise", "collapse guard", "reasons"],
         "rows": rows,
     }
 

@@ -50,6 +50,8 @@ REPORTED = {
     ("sftdpo_generation", "correct"): "correct",
     ("sftdpo_generation", "polite"): "polite",
     ("sftdpo_perplexity", "perplexity"): "perplexity",
+    ("sftdpo_chosen_nll", "nll"): "chosen_nll",
+    ("sftdpo_text_nll", "nll"): "text_nll",
 }
 
 
@@ -59,20 +61,32 @@ def _continuation(tokenizer, prompt, response) -> str:
     return text if text is not None else last_content(response)
 
 
-def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -> dict[str, list[dict]]:
-    """Documents of each task, rendered for this model."""
-    preference, generation, seen = [], [], set()
+def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict], lm=None) -> dict[str, list[dict]]:
+    """Documents of each task, rendered for this model.
+
+    With `lm` (lm-eval's model) the NLL tasks' documents carry their token counts, split as lm-eval splits them,
+    for a per-token figure.
+    """
+    preference, generation, chosen_nll, text_nll, seen = [], [], [], [], set()
     for pair in eval_pairs:
         context = render(tokenizer, pair["prompt"])
+        chosen = _continuation(tokenizer, pair["prompt"], pair["chosen"])
         preference.append(
             {
                 "context": context,
-                "chosen": _continuation(tokenizer, pair["prompt"], pair["chosen"]),
+                "chosen": chosen,
                 "rejected": _continuation(tokenizer, pair["prompt"], pair["rejected"]),
             }
         )
+        if lm is not None:
+            chosen_nll.append(
+                {"context": context, "chosen": chosen, "tokens": len(lm._encode_pair(context, chosen)[1])}
+            )
         if context not in seen:
             seen.add(context)
+            if lm is not None:
+                text = last_content(pair["prompt"])
+                text_nll.append({"text": text, "tokens": len(lm.tok_encode(text))})
             generation.append(
                 {
                     "context": context,
@@ -89,7 +103,13 @@ def task_documents(tokenizer, eval_pairs: list[dict], sft_heldout: list[dict]) -
         )
         context = render(tokenizer, prompt)
         perplexity.append({"context": context, "completion": _continuation(tokenizer, prompt, completion)})
-    return {"sftdpo_preference": preference, "sftdpo_generation": generation, "sftdpo_perplexity": perplexity}
+    return {
+        "sftdpo_preference": preference,
+        "sftdpo_generation": generation,
+        "sftdpo_perplexity": perplexity,
+        "sftdpo_chosen_nll": chosen_nll,
+        "sftdpo_text_nll": text_nll,
+    }
 
 
 def prompt_key(prompt: Any) -> str:
@@ -263,9 +283,9 @@ def evaluate_model(
 
     tokenizer = load_tokenizer(str(model), params.model)
     pairs = load_records(eval_pairs)
-    documents = task_documents(tokenizer, pairs, load_records(sft_heldout))
     strings = bool(pairs) and adds_special_tokens(pairs[0]["prompt"])
     lm = open_lm(params, model, add_bos_token=strings)
+    documents = task_documents(tokenizer, pairs, load_records(sft_heldout), lm)
     own, files, named = task_kinds(params.eval.tasks)
     with tempfile.TemporaryDirectory() as scratch:
         specs = [project_task_spec(params, task, documents, tokenizer, Path(scratch)) for task in own]

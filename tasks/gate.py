@@ -2,8 +2,9 @@
 
 The candidate (the round's `dpo` output) is compared with the policy the round started from on the
 guard metrics, within the tolerances of `dpo.gate`: task accuracy may not fall by more than
-`max_task_accuracy_drop`, held-out perplexity may not rise by more than `max_perplexity_rise`
-(relative), and the collapse guard must have passed (`require_guard_ok`). The round's policy
+`max_task_accuracy_drop`, the held-out preferred completions' per-token NLL (`chosen_nll`, the forgetting
+measure) may not rise by more than `max_chosen_nll_rise` (relative; likewise held-out perplexity with
+`max_perplexity_rise`, when set), and the collapse guard must have passed (`require_guard_ok`). The round's policy
 folder (what the next round and `merge` start from) is then a copy of the candidate, or of the
 starting policy when refused; `promotion.json` inside it names the round whose training it holds.
 The round's eval file holds the metrics of that policy, the decision, its reasons, and the
@@ -42,12 +43,17 @@ def refusals(gate: GateParams, candidate: dict[str, float], baseline: dict[str, 
                 f"task_accuracy fell {baseline['task_accuracy']:.4f} -> {candidate['task_accuracy']:.4f} "
                 f"(dpo.gate.max_task_accuracy_drop: {gate.max_task_accuracy_drop})"
             )
-    if "perplexity" in candidate and "perplexity" in baseline:
-        rise = candidate["perplexity"] / baseline["perplexity"] - 1
-        if rise > gate.max_perplexity_rise + 1e-9:
+    for metric, limit, key in (
+        ("perplexity", gate.max_perplexity_rise, "max_perplexity_rise"),
+        ("chosen_nll", gate.max_chosen_nll_rise, "max_chosen_nll_rise"),
+    ):
+        if limit is None or metric not in candidate or metric not in baseline:
+            continue
+        rise = candidate[metric] / baseline[metric] - 1
+        if rise > limit + 1e-9:
             reasons.append(
-                f"perplexity rose {baseline['perplexity']:.4g} -> {candidate['perplexity']:.4g} "
-                f"(+{rise:.1%}; dpo.gate.max_perplexity_rise: {gate.max_perplexity_rise:.0%})"
+                f"{metric} rose {baseline[metric]:.4g} -> {candidate[metric]:.4g} "
+                f"(+{rise:.1%}; dpo.gate.{key}: {limit:.0%})"
             )
     if gate.require_guard_ok and guard.get("quality") != "ok":
         reasons.append(

@@ -29,6 +29,20 @@ def max_difference(one: dict, other: dict) -> float:
     return max(float((one[name] - other[name]).abs().max()) for name in one)
 
 
+# Two processes sum their gradients in another order than one process does, and float32 sums differ in the last
+# bits by order (and by CPU: AVX-512 and AVX2 kernels round differently). Adam divides each update by the root of
+# its second moment, so a last-bit difference in a near-zero gradient can move a weight by up to lr per step: the
+# two runs agree to a small fraction of the update, not to an absolute 1e-5 (2.3e-5 was seen on one x86-64 CPU
+# for an update of ~0.1). A run that failed to average (each rank stepping on its own half batch) differs by a
+# sizeable part of the update itself, so 1 % of the largest update still tells the two apart.
+RELATIVE_TOLERANCE = 0.01
+
+
+def agree_within_update(two: dict, one: dict, update: float) -> tuple[float, float]:
+    """(largest difference between the runs, the tolerance: 1 % of the largest update)."""
+    return max_difference(two, one), RELATIVE_TOLERANCE * update
+
+
 @pytest.fixture(scope="module")
 def inputs(pipeline, tmp_path_factory) -> Path:
     """8 SFT rows and 8 pairs with their reference log-probs, from the micro pipeline's outputs."""
@@ -92,8 +106,10 @@ def test_sft_on_two_processes_averages_gradients_like_one_process_with_the_same_
     assert "world size 2: 2 processes hold identical weights" in log
     assert log.count("sft: loss") == 1, "a stage on two processes reported (and wrote) twice"
     base = load_weights(pipeline / "models/base")
-    assert max_difference(load_weights(one), base) > 1e-3, "training did not move the weights: the test proves nothing"
-    assert max_difference(load_weights(two), load_weights(one)) < 1e-5
+    update = max_difference(load_weights(one), base)
+    assert update > 1e-3, "training did not move the weights: the test proves nothing"
+    difference, tolerance = agree_within_update(load_weights(two), load_weights(one), update)
+    assert difference < tolerance, f"2 processes differ from 1 by {difference:.3g} (tolerance {tolerance:.3g})"
     assert not list(tmp_path.glob(".sft_2.*")), "a scratch copy of the output was left behind"
 
 
@@ -117,8 +133,10 @@ def test_dpo_on_two_processes_averages_gradients_like_one_process_with_the_same_
     assert "world size 2: 2 processes hold identical weights" in logs[2]
     adapters = {n: load_weights(outs[n] / "adapter", "adapter_model.safetensors") for n in outs}
     lora_b = [value for name, value in adapters[1].items() if "lora_B" in name]  # LoRA's B matrices start at zero
-    assert max(float(value.abs().max()) for value in lora_b) > 1e-4, "DPO did not move the adapter"
-    assert max_difference(adapters[2], adapters[1]) < 1e-5
+    update = max(float(value.abs().max()) for value in lora_b)
+    assert update > 1e-4, "DPO did not move the adapter"
+    difference, tolerance = agree_within_update(adapters[2], adapters[1], update)
+    assert difference < tolerance, f"2 processes differ from 1 by {difference:.3g} (tolerance {tolerance:.3g})"
 
 
 def test_generate_on_two_processes_writes_the_samples_one_process_wrote(pipeline, tmp_path):

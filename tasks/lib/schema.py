@@ -18,7 +18,9 @@ LossType = Literal[
 ]  # fmt: skip
 BUILTIN = "builtin"
 SFT_POLICY = "sft"
-PROJECT_EVAL_TASKS = ("sftdpo_preference", "sftdpo_generation", "sftdpo_perplexity")
+PROJECT_EVAL_TASKS = (
+    "sftdpo_preference", "sftdpo_generation", "sftdpo_perplexity", "sftdpo_chosen_nll", "sftdpo_text_nll",
+)  # fmt: skip
 """The project's own lm-eval tasks (tasks/lm_eval_tasks/), rendered per model from the held-out data."""
 RESERVED_ROUND_NAMES = (SFT_POLICY, "merged", "base")
 
@@ -259,8 +261,13 @@ class GateParams(Section):
     max_task_accuracy_drop: float = Field(0.0, ge=0)
     """Largest fall of task accuracy (absolute) versus the policy the round started from that still promotes the
     round."""
-    max_perplexity_rise: float = Field(1.0, ge=0)
-    """Largest relative rise of held-out perplexity (1.0 = may double) that still promotes the round."""
+    max_perplexity_rise: float | None = Field(None, ge=0)
+    """Largest relative rise of held-out SFT-completion perplexity (1.0 = may double) that still promotes the round;
+    None: not checked. Half of those completions are in the style the preference rejects, so this perplexity rises
+    when a round learns the preference: `max_chosen_nll_rise` is the forgetting check that is not confounded."""
+    max_chosen_nll_rise: float | None = Field(0.05, ge=0)
+    """Largest relative rise of the held-out preferred completions' per-token NLL (`chosen_nll`, 0.05 = +5 %) versus
+    the policy the round started from that still promotes the round; None: not checked."""
     require_guard_ok: bool = True
     """Refuse a round the collapse guard marked failed-quality."""
 
@@ -418,10 +425,11 @@ class EvalParams(Section):
     """Evaluate only the first N documents of each task (None: all)."""
     tasks: list[str] = Field(default_factory=lambda: list(PROJECT_EVAL_TASKS), min_length=1)
     """lm-eval tasks run on every model: the project's own (`sftdpo_preference`, `sftdpo_generation`,
-    `sftdpo_perplexity`), any task lm-eval knows by name (`gsm8k`, `ifeval`, `arc_easy`, ...; offline they read
-    the local Hugging Face cache), or the path of your own task YAML (`include:` and `!function` resolve beside it;
-    keep it under `tasks/lm_eval_tasks/` so DVC re-runs the evals when it changes). Other tasks' metrics join
-    `metrics/eval.json` as `<task>/<metric>`."""
+    `sftdpo_perplexity`, `sftdpo_chosen_nll`: per-token NLL of the held-out preferred completions, the forgetting
+    measure the gate reads; `sftdpo_text_nll`: per-token NLL of the held-out prompts' plain text), any task lm-eval
+    knows by name (`gsm8k`, `ifeval`, `arc_easy`, ...; offline they read the local Hugging Face cache), or the path
+    of your own task YAML (`include:` and `!function` resolve beside it; keep it under `tasks/lm_eval_tasks/` so
+    DVC re-runs the evals when it changes). Other tasks' metrics join `metrics/eval.json` as `<task>/<metric>`."""
     kl_samples: int = Field(4, ge=0)
     """Responses sampled (temperature 1) per held-out prompt to estimate each model's KL from the SFT policy
     (`kl_to_sft`); 0 skips the estimate."""
