@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-qwen3 bench-stages bench-sweep bench-peer bench-scale chaos sweep
+.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-alignment bench-qwen3 bench-stages bench-sweep bench-peer bench-scale chaos sweep
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -111,6 +111,12 @@ bench-generation: $(STAMP)
 # A real pretrained model (llama2.c's stories260K in ../shared/real) through the pipeline with a function judge.
 bench-stories: $(STAMP)
 	$(BIN)/python benchmarks/stories.py
+
+# Does each round make the model better? Both tasks (built-in, stories260K) over seeds x 3 rounds from one SFT each:
+# mean, sd and per-seed values of every eval metric and gate decision (table; reports/alignment.json).
+# Options, e.g. make bench-alignment ARGS='--seeds 7,11 --rounds 3 --tasks builtin --variant lr1e-4:dpo.train.learning_rate=1e-4'
+bench-alignment: $(STAMP)
+	$(BIN)/python benchmarks/alignment.py $(ARGS)
 
 # A grid of params as DVC experiments, e.g. make sweep ARGS='dpo.loss.beta=0.05,0.1,0.5' (several keys: a grid).
 # Each point runs in DVC's own temporary workspace and restores every stage its keys do not change from the cache;

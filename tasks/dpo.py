@@ -21,7 +21,7 @@ from tasks.lib.errors import QualityGateFailed
 from tasks.lib.files import atomic_path, load_records, load_splits, write_json
 from tasks.lib.hashing import file_digest
 from tasks.lib.policies import ADAPTER_DIR, load_model, load_tokenizer, merge_adapter, save_policy, scrub_saved_configs
-from tasks.lib.schema import GuardParams, Params
+from tasks.lib.schema import GuardParams, Params, RoundParams, TrainingParams
 from tasks.lib.stage import stage_main
 from tasks.lib.timing import phase
 from tasks.lib.training import (
@@ -72,9 +72,16 @@ def dpo_trainer(params: Params, checkpoints: Path, training: dict, trainer_argum
         loss_weights=loss.weights,
         beta=loss.beta,
         label_smoothing=loss.label_smoothing,
+        ld_alpha=loss.ld_alpha,
         eval_strategy="no",
     )
     return stored_reference_trainer_class()(ref_model=None, args=config, **trainer_arguments)
+
+
+def round_training(params: Params, spec: RoundParams) -> TrainingParams:
+    """`dpo.train` with the round's own learning rate and epochs, where it sets them."""
+    own = {"learning_rate": spec.learning_rate, "epochs": spec.epochs}
+    return params.dpo.train.model_copy(update={key: value for key, value in own.items() if value is not None})
 
 
 def distinct_trigram_ratio(tokens: list[int]) -> float:
@@ -171,7 +178,7 @@ def train_round(
         "processing_class": tokenizer,
         "peft_config": lora_config(params.dpo.lora) if lora else None,
     }
-    training = training_arguments(params.dpo.train, checkpoints, logs, params.tracking, run_name=f"dpo@{round_name}")
+    training = training_arguments(round_training(params, spec), checkpoints, logs, params.tracking, f"dpo@{round_name}")
     if spec.objective == "dpo":
         trainer = dpo_trainer(params, checkpoints, training, trainer_arguments)
         reference_chosen = statistics.fmean(data["eval"]["ref_chosen_logps"])

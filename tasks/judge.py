@@ -19,6 +19,24 @@ from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 
 
+def scored_rows(rows: list[dict], flat_scores: list[float], judge, length_penalty: float) -> list[dict]:
+    """Each row with its responses' scores (length-penalised when set, the judge's own kept as `judge_scores`) and,
+    when the judge reports them, each response's attributes (the rule judge: correct, polite)."""
+    scores = iter(flat_scores)
+    scored = []
+    for row in rows:
+        own = [next(scores) for _ in row["responses"]]
+        out = {**row, "scores": own, "judge": judge.identity["kind"]}
+        if length_penalty:
+            out["judge_scores"] = own
+            out["scores"] = [score - length_penalty * tokens for score, tokens in zip(own, row["tokens"], strict=True)]
+        if isinstance(judge, RuleJudge):
+            verdicts = judge.verdicts([row["prompt"]] * len(row["responses"]), row["responses"])
+            out["attributes"] = [{"correct": v.correct, "polite": v.polite} for v in verdicts]
+        scored.append(out)
+    return scored
+
+
 def judge_round(params: Params, generations: Path, policy: Path, out: Path, metrics: Path) -> dict:
     """Score every sampled response with the configured judge; write the scores beside the samples.
 
@@ -42,10 +60,7 @@ def judge_round(params: Params, generations: Path, policy: Path, out: Path, metr
     )
     if flat_scores is None:
         return {}
-    scores = iter(flat_scores)
-    scored = [
-        {**row, "scores": [next(scores) for _ in row["responses"]], "judge": judge.identity["kind"]} for row in rows
-    ]
+    scored = scored_rows(rows, flat_scores, judge, params.onpolicy.judge.length_penalty)
     with atomic_path(out) as scratch:
         write_records(scratch, scored)
     flat = [score for row in scored for score in row["scores"]]

@@ -3,9 +3,12 @@
 `onpolicy.pairs.strategy`:
 - `best_worst`: per prompt, the highest-scored response is chosen and the lowest rejected;
 - `margin`: every two responses whose scores differ by at least `min_gap` (widest first, at most
-  `max_pairs_per_prompt` per prompt).
-Pairs closer than `min_gap` (ties) and degenerate ones (an empty response, or chosen and rejected
-the same text) are dropped and counted. The result goes through the same validation as every
+  `max_pairs_per_prompt` per prompt);
+- `one_attribute`: pairs that differ in exactly one of the judge's attributes (one per attribute and prompt).
+Pairs closer than `min_gap` (ties), degenerate ones (an empty response, or chosen and rejected the same
+text), and, when set, pairs whose lengths differ by more than `max_length_difference` tokens or whose
+texts are more alike than `max_similarity` are dropped, and each prompt left without a pair is counted
+by the reason. The result goes through the same validation as every
 pairs file (file:line reasons, `data.on_bad_lines`, dedup) and its report carries the pair
 statistics: count, mean score gap, and the lengths of chosen and rejected responses, since
 length drift is the known failure of iterative DPO.
@@ -13,7 +16,7 @@ length drift is the known failure of iterative DPO.
 
 from __future__ import annotations
 
-import itertools
+import difflib
 import statistics
 from pathlib import Path
 from typing import Any
@@ -27,33 +30,60 @@ from tasks.lib.schema import PairParams, Params
 from tasks.lib.stage import stage_main
 from tasks.lib.stats import length_summary
 
+DROP_REASONS = ("tie", "degenerate", "length", "similar", "attribute")
+"""Why a prompt gave no pair: responses within `min_gap`; empty or identical responses; none within
+`max_length_difference`; all above `max_similarity`; none differing in exactly one attribute."""
 
-def prompt_pairs(
-    scores: list[float], texts: list[str], settings: PairParams
-) -> tuple[list[tuple[int, int]], str | None]:
-    """(chosen, rejected) response indices of one prompt, or none and why ("tie" / "degenerate")."""
+
+def similarity(first: str, second: str) -> float:
+    return difflib.SequenceMatcher(None, first, second, autojunk=False).ratio()
+
+
+def single_attribute(chosen: dict, rejected: dict) -> str | None:
+    """The one attribute the chosen response has and the rejected lacks, all others equal; else None."""
+    differing = [name for name in chosen if chosen[name] != rejected[name]]
+    return differing[0] if len(differing) == 1 and chosen[differing[0]] else None
+
+
+def prompt_pairs(row: dict, settings: PairParams) -> tuple[list[tuple[int, int]], str | None]:
+    """(chosen, rejected) response indices of one prompt, widest score gap first, or none and why (DROP_REASONS)."""
+    texts, scores = row["responses"], row["scores"]
     usable = [i for i, text in enumerate(texts) if text]
     if len(usable) < 2:
         return [], "degenerate"
+    # Widest gap first; ties broken by index, so best_worst is the first best against the first worst.
+    candidates = sorted(
+        ((c, r) for c in usable for r in usable if c != r and scores[c] - scores[r] >= settings.min_gap),
+        key=lambda pair: (scores[pair[1]] - scores[pair[0]], pair),
+    )
+    checks = [
+        ("tie", None),
+        ("degenerate", lambda c, r: texts[c] != texts[r]),
+        ("length", None if settings.max_length_difference is None else
+            lambda c, r: abs(row["tokens"][c] - row["tokens"][r]) <= settings.max_length_difference),
+        ("similar", None if settings.max_similarity is None else
+            lambda c, r: similarity(texts[c], texts[r]) <= settings.max_similarity),
+        ("attribute", None if settings.strategy != "one_attribute" else
+            lambda c, r: single_attribute(row["attributes"][c], row["attributes"][r]) is not None),
+    ]  # fmt: skip
+    for reason, keep in checks:
+        candidates = candidates if keep is None else [(c, r) for c, r in candidates if keep(c, r)]
+        if not candidates:
+            return [], reason
     if settings.strategy == "best_worst":
-        best = max(usable, key=lambda i: scores[i])
-        worst = min(usable, key=lambda i: scores[i])
-        candidates = [(best, worst)]
-    else:
-        candidates = sorted(itertools.permutations(usable, 2), key=lambda pair: scores[pair[1]] - scores[pair[0]])
-    wide = [(c, r) for c, r in candidates if scores[c] - scores[r] >= settings.min_gap]
-    if not wide:
-        return [], "tie"
-    distinct = [(c, r) for c, r in wide if texts[c] != texts[r]]
-    if not distinct:
-        return [], "degenerate"
-    return distinct[: 1 if settings.strategy == "best_worst" else settings.max_pairs_per_prompt], None
+        return candidates[:1], None
+    if settings.strategy == "one_attribute":
+        per_attribute: dict[str, tuple[int, int]] = {}
+        for c, r in candidates:
+            per_attribute.setdefault(single_attribute(row["attributes"][c], row["attributes"][r]), (c, r))
+        candidates = sorted(per_attribute.values(), key=candidates.index)
+    return candidates[: settings.max_pairs_per_prompt], None
 
 
 def judged_pairs(scored: list[dict], settings: PairParams) -> tuple[list[dict], dict[str, Any]]:
-    pairs, gaps, dropped = [], [], {"tie": 0, "degenerate": 0}
+    pairs, gaps, dropped = [], [], dict.fromkeys(DROP_REASONS, 0)
     for row in scored:
-        indices, reason = prompt_pairs(row["scores"], row["responses"], settings)
+        indices, reason = prompt_pairs(row, settings)
         if reason:
             dropped[reason] += 1
         for chosen, rejected in indices:
@@ -69,6 +99,9 @@ def judged_pairs(scored: list[dict], settings: PairParams) -> tuple[list[dict], 
         "prompts": len(scored),
         "ties_dropped": dropped["tie"],
         "degenerate_dropped": dropped["degenerate"],
+        "length_mismatch_dropped": dropped["length"],
+        "near_identical_dropped": dropped["similar"],
+        "no_single_attribute_dropped": dropped["attribute"],
         "mean_score_gap": round(statistics.fmean(gaps), 4) if gaps else None,
     }
     return pairs, stats
@@ -107,7 +140,11 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
             raise DataError(
                 f"no preference pairs: {onpolicy_stats['ties_dropped']} of {onpolicy_stats['prompts']} "
                 f"prompts' responses tied within onpolicy.pairs.min_gap={params.onpolicy.pairs.min_gap}, "
-                f"{onpolicy_stats['degenerate_dropped']} were degenerate, and {incoming} has no human pairs"
+                f"{onpolicy_stats['degenerate_dropped']} were degenerate, "
+                f"{onpolicy_stats['length_mismatch_dropped']} length-mismatched, "
+                f"{onpolicy_stats['near_identical_dropped']} near-identical, "
+                f"{onpolicy_stats['no_single_attribute_dropped']} had no single-attribute pair, "
+                f"and {incoming} has no human pairs"
             )
         enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
         write_records(scratch, result.rows)

@@ -75,3 +75,50 @@ def test_a_users_task_yaml_joins_the_project_tasks(tmp_path):
     assert set(scores) == {"preference_accuracy", "capitals_mc/acc"}
     assert scores["capitals_mc/acc"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert json.loads((tmp_path / "eval.json").read_text()) == scores
+
+
+def direct_chosen_nll(model_dir: Path, params, pairs: list[dict]) -> float:
+    """Per-token NLL of each preferred completion given its rendered prompt, from one plain forward pass.
+
+    Split as lm-eval splits a request: the context's trailing whitespace (the newline after the assistant header)
+    is scored as the completion's first token."""
+    import torch
+
+    from tasks.evaluate import _continuation
+    from tasks.lib.chat import render
+    from tasks.lib.policies import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir), params.model)
+    model = load_model(str(model_dir), params.model).eval()
+    total, tokens = 0.0, 0
+    for pair in pairs:
+        context = render(tokenizer, pair["prompt"])
+        whole = tokenizer(context + _continuation(tokenizer, pair["prompt"], pair["chosen"]), add_special_tokens=False)
+        start = len(tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([whole["input_ids"]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+        targets = ids[0, 1:]
+        total -= float(logprobs[torch.arange(len(targets)), targets][start - 1 :].sum())
+        tokens += len(targets) - (start - 1)
+    return total / tokens
+
+
+def test_the_forgetting_metric_is_the_per_token_nll_of_the_preferred_completions(tmp_path):
+    from tasks.base import build_base
+
+    limit = 6
+    params = load_params(
+        ROOT / "params.yaml",
+        {"eval.tasks": ["sftdpo_chosen_nll", "sftdpo_text_nll"], "eval.limit": limit, "eval.kl_samples": 0},
+    )
+    base = tmp_path / "base"
+    build_base(params, ROOT / "data/builtin/sft.jsonl", base)
+    pairs = ROOT / "data/builtin/eval_pairs.jsonl"
+    scores = evaluate_model(
+        params, base, pairs, ROOT / "data/builtin/sft.jsonl", tmp_path / "eval.json", tmp_path / "answers.jsonl"
+    )
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()[:limit]]
+    assert scores["chosen_nll"] == pytest.approx(direct_chosen_nll(base, params, rows), rel=1e-5)
+    # A random-init model over a 512-token vocabulary: about ln(512) = 6.2 nats a token.
+    assert 4.0 < scores["chosen_nll"] < 9.0 and 4.0 < scores["text_nll"] < 9.0

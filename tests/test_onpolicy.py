@@ -21,13 +21,13 @@ from conftest import dvc, edit_params, project_env, read_json, read_params, tiny
 from flows.params_file import extended_rounds
 from tasks.gate import refusals
 from tasks.generate import generate_round
-from tasks.judge import judge_round
+from tasks.judge import judge_round, scored_rows
 from tasks.lib.errors import DataError, SettingError
 from tasks.lib.files import load_records, write_records
 from tasks.lib.hashing import file_digest
 from tasks.lib.judges import FunctionJudge, RuleJudge
 from tasks.lib.params import load_params
-from tasks.lib.schema import GateParams, JudgeParams, PairParams
+from tasks.lib.schema import GateParams, JudgeParams, OnPolicyParams, PairParams
 from tasks.pairs import judged_pairs, prompt_pairs
 from tasks.prompts import round_slice
 
@@ -63,16 +63,18 @@ def test_function_judge_is_imported_by_path(tmp_path, monkeypatch):
         FunctionJudge(JudgeParams(kind="function", function="my_judges:missing"))
 
 
+def scored_row(scores, texts, tokens=None, attributes=None) -> dict:
+    row = {"prompt": QUESTION, "responses": texts, "scores": scores, "tokens": tokens or [len(t) for t in texts]}
+    return {**row, "attributes": attributes} if attributes is not None else row
+
+
 def test_best_worst_pairs_pick_the_extremes_and_drop_ties_and_degenerate_prompts():
     settings = PairParams(strategy="best_worst", min_gap=0.25)
-    assert prompt_pairs([0.5, 1.5, 0.0, 1.0], ["a", "b", "c", "d"], settings) == ([(1, 2)], None)
-    assert prompt_pairs([1.0, 1.0, 1.1], ["a", "b", "c"], settings) == ([], "tie")
-    assert prompt_pairs([1.5, 0.0], ["same", "same"], settings) == ([], "degenerate")
-    assert prompt_pairs([1.5, 0.0], ["", "x"], settings) == ([], "degenerate")
-    rows = [
-        {"prompt": QUESTION, "responses": ["good", "bad"], "scores": [1.5, 0.0]},
-        {"prompt": QUESTION, "responses": ["x", "y"], "scores": [1.0, 1.0]},
-    ]
+    assert prompt_pairs(scored_row([0.5, 1.5, 0.0, 1.0], ["a", "b", "c", "d"]), settings) == ([(1, 2)], None)
+    assert prompt_pairs(scored_row([1.0, 1.0, 1.1], ["a", "b", "c"]), settings) == ([], "tie")
+    assert prompt_pairs(scored_row([1.5, 0.0], ["same", "same"]), settings) == ([], "degenerate")
+    assert prompt_pairs(scored_row([1.5, 0.0], ["", "x"]), settings) == ([], "degenerate")
+    rows = [scored_row([1.5, 0.0], ["good", "bad"]), scored_row([1.0, 1.0], ["x", "y"])]
     pairs, stats = judged_pairs(rows, settings)
     assert pairs == [
         {
@@ -81,13 +83,68 @@ def test_best_worst_pairs_pick_the_extremes_and_drop_ties_and_degenerate_prompts
             "rejected": [{"role": "assistant", "content": "bad"}],
         }
     ]
-    assert stats == {"prompts": 2, "ties_dropped": 1, "degenerate_dropped": 0, "mean_score_gap": 1.5}
+    assert stats == {
+        "prompts": 2, "ties_dropped": 1, "degenerate_dropped": 0, "length_mismatch_dropped": 0,
+        "near_identical_dropped": 0, "no_single_attribute_dropped": 0, "mean_score_gap": 1.5,
+    }  # fmt: skip
 
 
 def test_margin_pairs_keep_every_wide_enough_gap_widest_first():
     settings = PairParams(strategy="margin", min_gap=0.5, max_pairs_per_prompt=2)
-    pairs, _ = prompt_pairs([1.5, 1.0, 0.0], ["a", "b", "c"], settings)
+    pairs, _ = prompt_pairs(scored_row([1.5, 1.0, 0.0], ["a", "b", "c"]), settings)
     assert pairs == [(0, 2), (1, 2)]
+
+
+def test_length_matched_pairs_differ_by_at_most_k_tokens_taking_the_widest_gap_within():
+    row = scored_row([1.5, 1.0, 0.0, 0.2], ["a", "b", "c", "d"], tokens=[30, 9, 8, 12])
+    assert prompt_pairs(row, PairParams(strategy="best_worst"))[0] == [(0, 2)]  # 22 tokens apart
+    pairs, _ = prompt_pairs(row, PairParams(strategy="best_worst", max_length_difference=4))
+    assert pairs == [(1, 2)]
+    assert abs(row["tokens"][1] - row["tokens"][2]) <= 4
+    margin, _ = prompt_pairs(row, PairParams(strategy="margin", max_length_difference=4, min_gap=0.5))
+    assert all(abs(row["tokens"][c] - row["tokens"][r]) <= 4 for c, r in margin) and margin == [(1, 2), (1, 3)]
+    assert prompt_pairs(row, PairParams(max_length_difference=0)) == ([], "length")
+
+
+def test_near_identical_pairs_are_dropped_above_max_similarity():
+    row = scored_row([1.5, 0.0, 0.5], ["The answer is 7.", "The answer is 8.", "I do not know."])
+    assert prompt_pairs(row, PairParams())[0] == [(0, 1)]
+    assert prompt_pairs(row, PairParams(max_similarity=0.9))[0] == [(0, 2)]
+    assert prompt_pairs(
+        scored_row([1.5, 0.0], ["The answer is 7.", "The answer is 8."]), PairParams(max_similarity=0.9)
+    ) == (
+        [],
+        "similar",
+    )
+
+
+def test_one_attribute_pairs_never_mix_correctness_with_style():
+    attributes = [
+        {"correct": True, "polite": True},
+        {"correct": False, "polite": False},
+        {"correct": True, "polite": False},
+        {"correct": False, "polite": True},
+    ]
+    row = scored_row([1.5, 0.0, 1.0, 0.5], ["a", "b", "c", "d"], attributes=attributes)
+    settings = PairParams(strategy="one_attribute")
+    pairs, reason = prompt_pairs(row, settings)
+    assert reason is None
+    # best_worst would pair (0, 1): both attributes at once. One pair per attribute, widest gap first.
+    assert pairs == [(0, 3), (0, 2)]
+    for chosen, rejected in pairs:
+        differing = [k for k in attributes[chosen] if attributes[chosen][k] != attributes[rejected][k]]
+        assert len(differing) == 1 and attributes[chosen][differing[0]]
+    both_apart = scored_row([1.5, 0.0], ["a", "b"], attributes=attributes[:2])
+    assert prompt_pairs(both_apart, settings) == ([], "attribute")
+
+
+def test_one_attribute_pairs_need_a_judge_that_reports_attributes():
+    with pytest.raises(ValueError, match="one_attribute needs a judge that reports attributes"):
+        OnPolicyParams(
+            prompts={"pool": "p.jsonl"},
+            judge={"kind": "function", "function": "m:f"},
+            pairs={"strategy": "one_attribute"},
+        )
 
 
 def test_gate_names_every_regression_beyond_its_tolerance():
@@ -101,6 +158,28 @@ def test_gate_names_every_regression_beyond_its_tolerance():
         {"quality": "failed-quality", "guard_reasons": ["sanity"]},
     )
     assert len(reasons) == 3 and "task_accuracy fell 0.6000 -> 0.5000" in reasons[0] and "+51.0%" in reasons[1]
+
+
+def test_gate_refuses_a_round_that_forgets_the_preferred_answers_not_one_that_learns_their_style():
+    gate = GateParams(max_chosen_nll_rise=0.05)  # perplexity of SFT completions unchecked by default
+    start = {"task_accuracy": 0.6, "perplexity": 100.0, "chosen_nll": 0.80}
+    learned_style = {"task_accuracy": 0.6, "perplexity": 400.0, "chosen_nll": 0.60}
+    assert refusals(gate, learned_style, start, {"quality": "ok"}) == []
+    forgot = {"task_accuracy": 0.6, "perplexity": 90.0, "chosen_nll": 0.90}
+    (reason,) = refusals(gate, forgot, start, {"quality": "ok"})
+    assert reason == "chosen_nll rose 0.8 -> 0.9 (+12.5%; dpo.gate.max_chosen_nll_rise: 5%)"
+
+
+def test_a_length_penalty_lowers_long_responses_scores_and_keeps_the_judges_own():
+    judge = RuleJudge(JudgeParams())
+    rows = [
+        {"prompt": QUESTION, "responses": ["The answer is 7.", "The answer is 7. Happy to help!"], "tokens": [6, 10]}
+    ]
+    plain = scored_rows(rows, [1.0, 1.5], judge, 0.0)[0]
+    assert plain["scores"] == [1.0, 1.5] and "judge_scores" not in plain
+    assert plain["attributes"] == [{"correct": True, "polite": False}, {"correct": True, "polite": True}]
+    penalised = scored_rows(rows, [1.0, 1.5], judge, 0.2)[0]
+    assert penalised["judge_scores"] == [1.0, 1.5] and penalised["scores"] == pytest.approx([-0.2, -0.5])
 
 
 def round_prompts(pipeline: Path, tmp_path: Path, count: int) -> Path:

@@ -215,6 +215,9 @@ class LossParams(Section):
     """Strength of the KL anchor to the reference: higher keeps the policy closer to it."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     """Assumed fraction of flipped preference labels (cDPO / robust DPO)."""
+    ld_alpha: float | None = Field(None, ge=0.0, le=1.0)
+    """LD-DPO (arXiv 2409.06411, TRL's `ld_alpha`): weight of the response tokens past the shorter response's length
+    in the log-probs (1.0 = plain DPO, 0.0 = only the shared length counts), against length exploitation; None: off."""
 
     @model_validator(mode="after")
     def _one_weight_per_type(self) -> LossParams:
@@ -278,6 +281,11 @@ class RoundParams(Section):
     policy)."""
     reference: str = SFT_POLICY
     """Reference policy of the round: `sft` (the frozen SFT snapshot) or the same name as `previous`."""
+    learning_rate: float | None = Field(None, gt=0)
+    """This round's learning rate, in place of `dpo.train.learning_rate` (None: that one), e.g. to decay it over
+    rounds."""
+    epochs: float | None = Field(None, gt=0)
+    """This round's epochs over its pairs, in place of `dpo.train.epochs` (None: that one)."""
     objective: Literal["dpo", "orpo", "simpo"] = "dpo"
     """`dpo` trains on the round's stored reference log-probs with `dpo.loss`. `orpo` and `simpo` are reference-free
     (TRL's ORPOTrainer and CPOTrainer with `loss_type: simpo`, settings in `dpo.reference_free`): no reference
@@ -378,6 +386,10 @@ class JudgeParams(Section):
     data)."""
     batch_size: PositiveInt = 16
     """Reward-model judge: conversations per forward pass."""
+    length_penalty: float = Field(0.0, ge=0)
+    """Length control of the training signal: each sampled response's score becomes score - length_penalty x its
+    tokens before pairs are built (as R-DPO / iLR-DPO penalise length). The eval's judge scores are left as the
+    judge gives them."""
 
     @model_validator(mode="after")
     def _judge_named(self) -> JudgeParams:
@@ -389,13 +401,23 @@ class JudgeParams(Section):
 
 
 class PairParams(Section):
-    strategy: Literal["best_worst", "margin"] = "best_worst"
+    strategy: Literal["best_worst", "margin", "one_attribute"] = "best_worst"
     """`best_worst`: one pair per prompt (highest vs lowest score); `margin`: every two responses whose scores
-    differ by `min_gap` or more."""
+    differ by `min_gap` or more (widest first); `one_attribute`: pairs whose responses differ in exactly one of the
+    judge's attributes (the rule judge's correct / polite: same correctness, different style, or the reverse), the
+    chosen one having it, at most one pair per attribute and prompt, so no pair mixes two preferences."""
     min_gap: float = Field(0.25, gt=0)
     """Smallest score difference that makes a pair; closer responses (ties) are dropped and counted."""
     max_pairs_per_prompt: PositiveInt = 4
-    """With `strategy: margin`, the largest number of pairs kept per prompt (widest gaps first)."""
+    """With `strategy: margin` or `one_attribute`, the largest number of pairs kept per prompt (widest gaps
+    first)."""
+    max_length_difference: int | None = Field(None, ge=0)
+    """Length-matched pairs: chosen and rejected may differ by at most this many tokens (None: any), so a pair cannot
+    teach length instead of quality; the widest-gap pair within it is taken."""
+    max_similarity: float | None = Field(None, gt=0, le=1)
+    """Drop near-identical pairs: responses whose character similarity (difflib ratio, 1 = identical) is above this
+    (None: keep all). Pairs that differ in a few tokens are where DPO displaces likelihood from the chosen answer
+    (DPOP, arXiv 2402.13228)."""
 
 
 class OnPolicyParams(Section):
@@ -407,6 +429,15 @@ class OnPolicyParams(Section):
     """Scoring every sampled response."""
     pairs: PairParams = PairParams()
     """Turning scored responses into preference pairs."""
+
+    @model_validator(mode="after")
+    def _attributes_judged(self) -> OnPolicyParams:
+        if self.pairs.strategy == "one_attribute" and self.judge.kind != "rule":
+            raise ValueError(
+                "pairs.strategy: one_attribute needs a judge that reports attributes (judge.kind: rule); "
+                f"judge.kind is {self.judge.kind}"
+            )
+        return self
 
 
 class MergeParams(Section):
