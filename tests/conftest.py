@@ -205,8 +205,11 @@ def tiny_reward_model(policy: Path, out: Path) -> Path:
 
 
 def make_shell_project(folder: Path, dag: str) -> Path:
-    """A git + DVC project whose dvc.yaml is `dag` (shell commands, no models) beside the real params.yaml."""
-    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    """A git + DVC project whose dvc.yaml is `dag` (shell commands, no models) beside the real params.yaml, cut to
+    two rounds (the DAGs' tests count the rounds' stages)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["dpo"]["rounds"] = dict(list(params["dpo"]["rounds"].items())[:2])
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(ROOT / "data" / "builtin", folder / "data" / "builtin")
     (folder / "dvc.yaml").write_text(dag)
     (folder / ".gitignore").write_text(".attempted\n")

@@ -24,7 +24,7 @@ def write_params(tmp_path: Path, edit) -> Path:
 
 def test_shipped_params_are_valid():
     params = load_params(ROOT / "params.yaml")
-    assert list(params.dpo.rounds) == ["r1", "r2"] and params.dpo.final_round == "r2"
+    assert list(params.dpo.rounds) == ["r1", "r2", "r3"] and params.dpo.final_round == "r3"
 
 
 @pytest.mark.parametrize(

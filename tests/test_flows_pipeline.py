@@ -89,7 +89,7 @@ def test_an_override_runs_what_dvc_says_apart_from_the_tree_and_dvc_exp_apply_ta
     project = flow_project
     before = {name: (project / name).read_bytes() for name in ("params.yaml", "dvc.lock", "metrics/eval.json")}
     # Only the gates read it, and both rounds pass either tolerance: DVC re-runs the gates and nothing after them.
-    override = {"dpo.gate.max_perplexity_rise": 1.5}
+    override = {"dpo.gate.max_chosen_nll_rise": 0.5}
 
     state = run_flow(project, overrides=override)
     assert state.is_completed(), state.message
@@ -97,7 +97,7 @@ def test_an_override_runs_what_dvc_says_apart_from_the_tree_and_dvc_exp_apply_ta
     gates = {"gate@r1", "gate@r2"}
     assert gates <= ran <= gates | {"check_params", "lineage@r1", "lineage@r2", "report", "dashboard"}
     assert {name: (project / name).read_bytes() for name in before} == before, "the run wrote the user's tree"
-    assert "`dpo.gate.max_perplexity_rise`: 1.0 → 1.5" in latest_artifact("run-report").data
+    assert "`dpo.gate.max_chosen_nll_rise`: 0.05 → 0.5" in latest_artifact("run-report").data
 
     experiment = state.result()["experiment"]
     recorded = subprocess.run(
@@ -107,10 +107,10 @@ def test_an_override_runs_what_dvc_says_apart_from_the_tree_and_dvc_exp_apply_ta
         text=True,
         check=True,
     ).stdout
-    assert yaml.safe_load(recorded)["dpo"]["gate"]["max_perplexity_rise"] == 1.5
+    assert yaml.safe_load(recorded)["dpo"]["gate"]["max_chosen_nll_rise"] == 0.5
 
     dvc(project, "exp", "apply", experiment)
-    assert yaml.safe_load((project / "params.yaml").read_text())["dpo"]["gate"]["max_perplexity_rise"] == 1.5
+    assert yaml.safe_load((project / "params.yaml").read_text())["dpo"]["gate"]["max_chosen_nll_rise"] == 0.5
     status = dvc(project, "status").stdout
     assert "up to date" in status, status
 

@@ -50,7 +50,7 @@ def test_unknown_round_exits_2_naming_the_rounds(tmp_path):
     result = stage(["tasks.prompts", "--round", "r9", "--pool", "data/builtin/prompts.jsonl", "--incoming",
                     "data/incoming", "--out", str(out), "--incoming-out", str(tmp_path / "i.jsonl"),
                     "--report", str(tmp_path / "r.json")])  # fmt: skip
-    assert result.returncode == 2 and "--round r9: not a key of dpo.rounds (r1, r2)" in result.stderr
+    assert result.returncode == 2 and "--round r9: not a key of dpo.rounds (r1, r2, r3)" in result.stderr
     assert not out.exists()
 
 
