@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -56,7 +57,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"override {item!r}: expected key=value")
-        overrides[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 2e-4 as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        overrides[key.strip()] = parsed
     return overrides
 
 
@@ -64,7 +71,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     name, sep, body = text.partition(":")
     if not sep or not name:
         raise SystemExit(f"--variant {text!r}: expected NAME:key=value,key=value")
-    return name, parse_overrides([part for part in body.split(",") if part])
+    # Split at the commas that start another key=, not those inside a value such as [1.0,3.0].
+    return name, parse_overrides([part for part in re.split(r",(?=[\w.+]+=)", body) if part])
 
 
 def set_key(params: dict, dotted: str, value: Any) -> None:
