@@ -26,6 +26,7 @@ clone (its SFT restored), for the README's ablation table; variants land under `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -59,10 +60,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise SystemExit(f"override {item!r}: expected key=value")
         parsed = yaml.safe_load(value)
         if isinstance(parsed, str):  # YAML 1.1 reads 2e-4 as a string
-            try:
+            with contextlib.suppress(ValueError):
                 parsed = float(parsed)
-            except ValueError:
-                pass
         overrides[key.strip()] = parsed
     return overrides
 
