@@ -17,7 +17,9 @@ per-seed values of every eval metric, and each seed's gate decisions, as a table
                           "promoted": [[true, ...], ...], "overrides": {...}, "variant": "default"}}}
 
 `--variant NAME:key=value,key=value` (repeatable) also runs each variant's params over the same seeds in the same
-clone (its SFT restored), for the README's ablation table; variants land under `"ablations"`.
+clone (its SFT restored), for the README's ablation table; variants land under `"ablations"`. Two pseudo-keys shape
+the rounds: `rounds.reference=previous` (each round's reference is the policy it starts from) and
+`rounds.lr_decay=F` (round k's learning rate is `dpo.train.learning_rate` x F^(k-1)).
 
     .venv/bin/python benchmarks/alignment.py [--seeds 0,1,2] [--rounds 3] [--tasks builtin,stories]
         [--set dpo.train.learning_rate=1e-4] [--variant lr1e-4:dpo.train.learning_rate=1e-4]
@@ -82,9 +84,21 @@ def set_key(params: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def round_chain(rounds: int) -> dict[str, dict[str, str]]:
+ROUND_KEYS = ("rounds.reference", "rounds.lr_decay")
+"""Pseudo-keys of a variant that shape the round chain: `rounds.reference=previous` (each round's reference is the
+policy it starts from, not SFT), `rounds.lr_decay=0.5` (round k's learning rate is dpo.train's x 0.5^(k-1))."""
+
+
+def round_chain(rounds: int, params: dict, shape: dict[str, Any]) -> dict[str, dict[str, Any]]:
     names = [f"r{index}" for index in range(1, rounds + 1)]
-    return {name: {"previous": "sft" if i == 0 else names[i - 1], "reference": "sft"} for i, name in enumerate(names)}
+    chain = {}
+    for i, name in enumerate(names):
+        previous = "sft" if i == 0 else names[i - 1]
+        spec: dict[str, Any] = {"previous": previous, "reference": previous if shape.get("rounds.reference") else "sft"}
+        if shape.get("rounds.lr_decay") and i > 0:
+            spec["learning_rate"] = params["dpo"]["train"]["learning_rate"] * shape["rounds.lr_decay"] ** i
+        chain[name] = spec
+    return chain
 
 
 def configure_task(project: Path, task: str, real: Path) -> None:
@@ -97,11 +111,12 @@ def configure_task(project: Path, task: str, real: Path) -> None:
 def run_seed(project: Path, base_params: dict, rounds: int, seed: int, overrides: dict[str, Any]) -> dict:
     """One seed's pipeline: params written, `dvc repro` under a warm server, the models' metrics read back."""
     params = json.loads(json.dumps(base_params))
-    params["dpo"]["rounds"] = round_chain(rounds)
     for key in SEEDED:
         set_key(params, key, seed)
     for key, value in overrides.items():
-        set_key(params, key, value)
+        if key not in ROUND_KEYS:
+            set_key(params, key, value)
+    params["dpo"]["rounds"] = round_chain(rounds, params, {k: v for k, v in overrides.items() if k in ROUND_KEYS})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     seconds = timed_run([sys.executable, "-m", "tasks.lib.warm", "--", sys.executable, "-m", "dvc", "repro"], project)
     evals = project / "metrics" / "eval"

@@ -2,12 +2,13 @@
 
 The committed pipeline (`dvc repro`) runs in a clean clone with `model.base` pointing at the shared
 `models/stories260K` folder (a real pretrained 260k-parameter Llama with its 512-token SentencePiece tokenizer
-and no chat template, so every row is a plain string) and a `function` judge, `benchmarks/story_judge.py`
-(+1 when the continuation says someone was happy, +0.5 when it ends a sentence). Its data are TinyStories-like
+and no chat template, so every row is a plain string) and a `function` judge, `benchmarks/story_judge.py:graded`
+(cheerful words with diminishing returns, a gloomy word costs, a complete sentence adds, length past 12 words
+costs; `story_judge:score` is the older one-keyword judge). Its data are TinyStories-like
 openings made here (seeded): SFT continuations name one of seven moods, happy no more often than the others;
 rounds sample from the policy, judge, pair best against worst and train with DPO. Prints the judge's mean
-score of each model's greedy continuations of held-out openings and its win rate against SFT (95 % interval,
-length-controlled).
+score of each model's greedy continuations of held-out openings, its win rate against SFT (95 % interval,
+length-controlled) and the per-token NLL of the held-out openings (plain story text: forgetting).
 
     .venv/bin/python benchmarks/stories.py [--real ../shared/real]
 """
@@ -107,10 +108,17 @@ def main() -> None:
         configure(project, args.real)
         seconds = reproduce(project)
         scores = json.loads((project / "metrics" / "eval.json").read_text())
-        gates = {name: json.loads((project / "metrics" / "eval" / f"{name}.json").read_text()) for name in ("r1", "r2")}
-    print(f"stories260K, 2 on-policy rounds, function judge benchmarks/story_judge.py; dvc repro {seconds:.0f} s\n")
-    print("| model | judge score (greedy, 80 held-out openings) | win rate vs SFT [95 % CI] | LC win rate | promoted |")
-    print("| --- | --- | --- | --- | --- |")
+        rounds = list(yaml.safe_load((project / "params.yaml").read_text())["dpo"]["rounds"])
+        gates = {name: json.loads((project / "metrics" / "eval" / f"{name}.json").read_text()) for name in rounds}
+    print(
+        f"stories260K, {len(rounds)} on-policy rounds, function judge benchmarks/story_judge.py:graded; "
+        f"dvc repro {seconds:.0f} s\n"
+    )
+    print(
+        f"| model | judge score (greedy, {HELDOUT} held-out openings) | win rate vs SFT [95 % CI] | LC win rate | "
+        "story-text NLL | promoted |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, row in scores.items():
         if name.endswith("*"):
             continue
@@ -123,7 +131,7 @@ def main() -> None:
         promoted = (
             ("yes" if gates[name]["promoted"] else "no: " + "; ".join(gates[name]["reasons"])) if name in gates else ""
         )
-        print(f"| {name} | {row['judge_score_mean']:.3f} | {win} | {lc} | {promoted} |")
+        print(f"| {name} | {row['judge_score_mean']:.3f} | {win} | {lc} | {row.get('text_nll', 0):.3f} | {promoted} |")
 
 
 if __name__ == "__main__":
