@@ -121,28 +121,37 @@ def run_seed(project: Path, base_params: dict, rounds: int, seed: int, overrides
     seconds = timed_run([sys.executable, "-m", "tasks.lib.warm", "--", sys.executable, "-m", "dvc", "repro"], project)
     evals = project / "metrics" / "eval"
     models = {"sft": json.loads((evals / "sft.json").read_text())}
+    candidates = {"sft": models["sft"]}
     promoted = []
     for name in params["dpo"]["rounds"]:
         gate = json.loads((evals / f"{name}.json").read_text())
         models[name] = {k: v for k, v in gate.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        candidates[name] = gate["candidate"]
         promoted.append(bool(gate["promoted"]))
-    return {"models": models, "promoted": promoted, "seconds": seconds}
+    return {"models": models, "candidates": candidates, "promoted": promoted, "seconds": seconds}
 
 
-def summarise(runs: list[dict], seeds: list[int]) -> dict:
-    models = list(runs[0]["models"])
-    names = sorted({metric for run in runs for model in run["models"].values() for metric in model})
+def metric_summary(runs: list[dict], which: str) -> dict[str, dict]:
+    """{metric: {mean, sd, per_seed}} over the runs' `which` models ("models": after the gates; "candidates")."""
+    models = list(runs[0][which])
+    names = sorted({metric for run in runs for model in run[which].values() for metric in model})
     metrics = {}
     for metric in names:
-        per_seed = [[run["models"][model].get(metric) for model in models] for run in runs]
+        per_seed = [[run[which][model].get(metric) for model in models] for run in runs]
         columns = list(zip(*per_seed, strict=True))
         mean = [statistics.fmean(c) if None not in c else None for c in columns]
         sd = [statistics.stdev(c) if None not in c and len(c) > 1 else None for c in columns]
         metrics[metric] = {"mean": mean, "sd": sd, "per_seed": per_seed}
+    return metrics
+
+
+def summarise(runs: list[dict], seeds: list[int]) -> dict:
     return {
-        "models": models,
+        "models": list(runs[0]["models"]),
         "seeds": seeds,
-        "metrics": metrics,
+        "metrics": metric_summary(runs, "models"),
+        # Each round's trained candidate, promoted or not (a refused round's policy above is its starting one).
+        "candidate_metrics": metric_summary(runs, "candidates"),
         "promoted": [run["promoted"] for run in runs],
         "seconds": [round(run["seconds"], 1) for run in runs],
     }
@@ -160,6 +169,10 @@ def table(task: str, result: dict) -> str:
             for mean, sd in zip(values["mean"], values["sd"], strict=True)
         ]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    for metric in TABLE_METRICS[task][:1]:
+        values = result["candidate_metrics"][metric]
+        cells = [f"{mean:.4f} ± {sd or 0:.4f}" for mean, sd in zip(values["mean"], values["sd"], strict=True)]
+        lines.append(f"| {metric} (candidate) | " + " | ".join(cells) + " |")
     promoted = [sum(seed[i] for seed in result["promoted"]) for i in range(len(models) - 1)]
     lines.append("| promoted (seeds) | - | " + " | ".join(f"{n}/{len(result['seeds'])}" for n in promoted) + " |")
     return "\n".join(lines)
