@@ -14,7 +14,10 @@ from tasks.lib.files import read_json, write_json
 from tasks.lib.schema import Params
 from tasks.lib.stage import stage_main
 
-COLUMNS = ("preference_accuracy", "task_accuracy", "correct", "polite", "perplexity", "win_rate_vs_sft", "kl_to_sft")
+COLUMNS = (
+    "preference_accuracy", "task_accuracy", "correct", "polite", "chosen_nll", "perplexity", "win_rate_vs_sft",
+    "kl_to_sft",
+)  # fmt: skip
 """The printed table's columns; metrics/eval.json holds every metric of the eval stages."""
 DECISION_KEYS = ("promoted", "source", "reasons", "candidate", "started_from")
 
