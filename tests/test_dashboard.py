@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import read_json
 
 from tasks.dashboard import render_dashboard
@@ -139,6 +140,15 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+def round_columns(project: Path) -> list[str]:
+    """Each round's side-by-side column: its name, and the policy it kept when the gate refused it."""
+    columns = []
+    for name in yaml.safe_load((project / "params.yaml").read_text())["dpo"]["rounds"]:
+        decision = json.loads((project / "metrics" / "eval" / f"{name}.json").read_text())
+        columns.append(name if decision["promoted"] else f"{name} (kept {decision['source']})")
+    return columns
+
+
 @pytest.mark.slow  # a real browser: a minute; in `make test-slow`, which CI runs too
 @pytest.mark.skipif(
     chromium() is None and os.environ.get("SFT_DPO_REQUIRE_BROWSER") != "1",
@@ -186,7 +196,7 @@ def test_every_panel_draws_offline_in_chromium(request, tmp_path):
     assert problems == []
     assert requests == [page_file.as_uri()]
     assert len(drawn) >= 12 and all(marks > 0 for marks in drawn.values()), drawn
-    assert header == ["prompt", "reference", "sft", "r1", "r2", "merged"]
+    assert header == ["prompt", "reference", "sft", *round_columns(page_file.parents[1]), "merged"]
     assert row_count == 10 and cells_per_row == {len(header)}
     if os.environ.get("SFT_DPO_SCREENSHOT"):
         shutil.copy(tmp_path / "dashboard.png", os.environ["SFT_DPO_SCREENSHOT"])
