@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from flows.leftovers import remove_dead_runs
 from tasks.lib.files import atomic_path
 from tasks.lib.stage import WHOLE_LOCK_COPY
 
@@ -45,8 +46,10 @@ def lock_problem(path: Path) -> str | None:
 
 
 def recover_after_kill(root: Path) -> list[str]:
-    """Repair what a `dvc` command killed mid-write left behind; one line per repair."""
-    return [message for message in (_recover_rwlock(root), _recover_lock(root)) if message]
+    """Repair what a `dvc` command killed mid-write left behind, and remove what killed runs left (flows/leftovers.py);
+    one line per repair."""
+    repaired = [message for message in (_recover_rwlock(root), _recover_lock(root)) if message]
+    return repaired + remove_dead_runs(root)
 
 
 def _recover_rwlock(root: Path) -> str | None:

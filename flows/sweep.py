@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from flows.dvc_project import SUMMARY_STAGE, read_graph, run_dvc, stage_environment, with_git_identity
+from flows.lockfile import recover_after_kill
 from tasks.lib.params import ParamsError, load_params
 from tasks.lib.warm import warm_stages
 
@@ -87,6 +88,8 @@ def run_sweep(
     `targets`: the stages to reproduce (and what they depend on); none: the whole pipeline.
     """
     points = check_points(root, settings)
+    for repaired in recover_after_kill(root):  # a killed sweep's points would otherwise show as running for ever
+        print(repaired)
     if jobs < 1:
         raise ParamsError(f"sweep: jobs {jobs}: run at least one point at a time")
     raw = yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8"))

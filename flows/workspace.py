@@ -10,6 +10,7 @@ round is brought back by `bring_back` only if none of the files it changed were 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from tasks.lib.files import atomic_path
 
 RUNS_DIR = ".dvc/tmp/runs"
 """Where run workspaces live: inside the project (same file system as its cache), ignored by git and DVC."""
+OWNER_SUFFIX = ".owner"
+"""Beside a run's workspace, `<run>.owner` holds its process id (flows/leftovers.py removes a dead owner's)."""
 
 
 class WorkspaceConflict(RuntimeError):
@@ -87,6 +90,8 @@ def isolated_workspace(root: Path, name: str) -> Iterator[Workspace]:
     root = root.resolve()
     path = root / RUNS_DIR / name
     path.parent.mkdir(parents=True, exist_ok=True)
+    owner = path.with_name(name + OWNER_SUFFIX)  # a killed run's workspace is found by its dead owner (leftovers)
+    owner.write_text(str(os.getpid()))
     cache = run_dvc(root, "cache", "dir").stdout.strip()
     base = _git(root, "rev-parse", "HEAD").stdout.strip()
     _git(root, "worktree", "add", "--detach", "--force", str(path), base)
@@ -106,6 +111,7 @@ def isolated_workspace(root: Path, name: str) -> Iterator[Workspace]:
         _git(root, "worktree", "remove", "--force", str(path), check=False)
         shutil.rmtree(path, ignore_errors=True)
         _git(root, "worktree", "prune", check=False)
+        owner.unlink(missing_ok=True)
 
 
 def run_changes(workspace: Workspace) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, write_json
 from tasks.lib.policies import (
     BASE_SOURCE_FILE,
@@ -37,8 +38,19 @@ CHAT_TEMPLATE = (
 
 
 def corpus_texts(path: Path, data_format: str) -> list[str]:
-    """Every text field of the SFT rows. Rows `prepare` will reject are skipped here, not judged."""
-    return [text for row in read_records(path, "sft", data_format).rows for text in _strings(row)]
+    """Every text field of the SFT rows. Rows `prepare` will reject are skipped here, not judged.
+
+    A source with no usable row at all is refused here, before a tokenizer is built from nothing.
+    """
+    return [text for row in usable_sft_rows(path, data_format) for text in _strings(row)]
+
+
+def usable_sft_rows(path: Path, data_format: str) -> list[dict]:
+    result = read_records(path, "sft", data_format)
+    if not result.rows:
+        listing = "".join(f"\n{result.where(line)}: {reason}" for line, reason in result.bad[:5])
+        raise DataError(f"{path} (data.sft): no usable SFT rows in {result.lines} lines{listing}")
+    return result.rows
 
 
 def _strings(value) -> list[str]:
@@ -108,6 +120,7 @@ def build_base(params: Params, corpus: Path, out: Path) -> None:
         out: the base folder
     """
     model = params.model
+    usable_sft_rows(corpus, params.data.format)  # an unusable SFT source fails here, not after the base is built
     source = None if is_builtin(model) else check_model_source(model.base, model.revision)
     template = read_chat_template(model.chat_template) if model.chat_template else None
     with atomic_path(out) as scratch:

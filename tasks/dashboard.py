@@ -687,15 +687,31 @@ def lineage_row(name: str, lineage: dict) -> list[str]:
     ]
 
 
+FAILED_RUN_SUFFIX = "-failed"
+"""A flow run that failed is recorded as the experiment `<run>-failed` (flows/pipeline.py)."""
+
+
+def run_state(experiment: dict, name: str) -> str:
+    """`completed`, or what DVC says of a run still going (`running`, `queued`) or one that failed (`failed`)."""
+    state = (experiment.get("executor") or {}).get("state")
+    if state in ("running", "queued", "failed"):
+        return state
+    return "failed" if name.endswith(FAILED_RUN_SUFFIX) else "completed"
+
+
 def experiment_rows(shown: list[dict]) -> list[dict]:
-    """`dvc exp show --json` as one row per run: its name, flattened params and `merged`'s headline metrics."""
+    """`dvc exp show --json` as one row per run: its name, flattened params and `merged`'s headline metrics.
+
+    Only a completed run shows metrics: a running one's files are a mid-run copy and a failed one's are its base
+    commit's, neither the run's own result.
+    """
     rows = []
 
-    def add(entry: dict, label: str) -> None:
+    def add(entry: dict, label: str, state: str = "completed") -> None:
         data = entry.get("data") or {}
         params = _flatten((data.get("params") or {}).get("params.yaml", {}).get("data") or {})
         scores = (data.get("metrics") or {}).get("metrics/eval.json", {}).get("data") or {}
-        merged = scores.get("merged") or {}
+        merged = (scores.get("merged") or {}) if state == "completed" else {}
         rows.append(
             {"run": label, "params": params, "metrics": {k: merged[k] for k in HEADLINE_METRICS if k in merged}}
         )
@@ -704,7 +720,9 @@ def experiment_rows(shown: list[dict]) -> list[dict]:
         add(commit, "workspace" if commit.get("rev") == "workspace" else f"{commit.get('name') or commit['rev'][:7]}")
         for experiment in commit.get("experiments") or []:
             for revision in experiment.get("revs") or []:
-                add(revision, f"{revision.get('name') or revision['rev'][:7]} (experiment)")
+                name = revision.get("name") or revision["rev"][:7]
+                state = run_state(experiment, name)
+                add(revision, f"{name} (experiment{'' if state == 'completed' else ', ' + state})", state)
     return rows
 
 

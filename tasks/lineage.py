@@ -30,7 +30,14 @@ def round_lineage(name: str, files: dict[str, Path], reports: dict[str, Path]) -
             "sha256": digest["prompts"],
             "human_pairs_sha256": digest["incoming"],
             **pick(
-                report["prompts"], "pool", "pool_size", "prompts", "reused_prompts", "pool_exhausted", "incoming_pairs"
+                report["prompts"],
+                "pool",
+                "pool_size",
+                "prompts",
+                "reused_prompts",
+                "pool_exhausted",
+                "incoming_pairs",
+                "incoming_extra_fields",
             ),
         },
         "generations": {

@@ -119,6 +119,20 @@ def length_stats(pairs: list[dict], tokenizer) -> dict[str, float | None]:
     return stats
 
 
+def kept_per_source(kept_lines: list[int], onpolicy: int, human: int, incoming: Path) -> dict[str, int]:
+    """How many pairs of each source survived validation (on-policy pairs come first in the file).
+
+    Dropping bad lines may thin a source, never empty it: a whole source refused means the sources disagree
+    (a format, a field) and training on what is left would silently be another experiment.
+    """
+    kept = {"on-policy": sum(line <= onpolicy for line in kept_lines)}
+    kept["human"] = len(kept_lines) - kept["on-policy"]
+    for source, written, name in (("on-policy", onpolicy, "judged responses"), ("human", human, str(incoming))):
+        if written and not kept[source]:
+            raise DataError(f"all {written} {source} pairs ({name}) were refused beside the other source's pairs")
+    return kept
+
+
 def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: Path, report: Path) -> dict:
     """Pair the round's judged responses, add its human pairs, validate them all and report.
 
@@ -147,12 +161,13 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
                 f"and {incoming} has no human pairs"
             )
         enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
+        kept = kept_per_source(result.row_lines, len(onpolicy), len(human), incoming)
         write_records(scratch, result.rows)
     tokenizer = load_base_tokenizer(base, params.model)
     summary = {
         "pairs": len(result.rows),
-        "onpolicy_pairs": len(onpolicy),
-        "human_pairs": len(human),
+        "onpolicy_pairs": kept["on-policy"],
+        "human_pairs": kept["human"],
         **onpolicy_stats,
         **length_stats(result.rows, tokenizer),
         **file_report(result),

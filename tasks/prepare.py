@@ -12,10 +12,11 @@ from pathlib import Path
 from tasks.lib.chat import boundary_report, sft_loss_mask
 from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, write_json, write_records
-from tasks.lib.policies import load_base_tokenizer
+from tasks.lib.policies import base_window, load_base_tokenizer
 from tasks.lib.records import (
     enforce_bad_line_policy,
     file_report,
+    fit_to_length,
     hub_source,
     read_records,
     refuse_unrenderable,
@@ -49,6 +50,13 @@ def source_report(path: Path) -> dict:
     return {"hub": source} if source is not None else {}
 
 
+def budget(key: str, max_length: int, window: int | None) -> tuple[int, str]:
+    """The token budget of a row and how an error names it: the params key, or the model's window if smaller."""
+    if window is not None and window < max_length:
+        return window, f"the model's window of {window} tokens ({key} is {max_length})"
+    return max_length, f"{key}={max_length}"
+
+
 def prepare(
     params: Params,
     sft: Path,
@@ -77,12 +85,18 @@ def prepare(
     data = params.data
     tokenizer = load_base_tokenizer(base, params.model)
     results = {
-        "sft": read_records(sft, "sft", data.format),
-        "eval_pairs": read_records(eval_pairs, "pairs", data.format),
+        "sft": read_records(sft, "sft", data.format, data.extra_fields),
+        "eval_pairs": read_records(eval_pairs, "pairs", data.format, data.extra_fields),
+    }
+    window = base_window(base, params.model)
+    budgets = {
+        "sft": budget("sft.max_length", params.sft.max_length, window),
+        "eval_pairs": budget("dpo.sequence.max_length", params.dpo.sequence.max_length, window),
     }
     problems = []
-    for result in results.values():
+    for name, result in results.items():
         refuse_unrenderable(result, tokenizer)
+        fit_to_length(result, tokenizer, *budgets[name])
         try:
             enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
         except DataError as error:
@@ -103,7 +117,8 @@ def prepare(
             "sampled": len(sampled["sft"]),
             "train": len(train),
             "heldout": len(heldout),
-            **token_length_report(sampled["sft"], tokenizer, params.sft.max_length),
+            **token_length_report(sampled["sft"], tokenizer, budgets["sft"][0]),
+            "cut_to_fit": results["sft"].cut_rows,
             "template": {
                 "loss_mask": sft_loss_mask(tokenizer, any("messages" in row for row in sampled["sft"])),
                 **boundary_report(sampled["sft"], tokenizer),
@@ -113,7 +128,8 @@ def prepare(
             **source_report(eval_pairs),
             **file_report(results["eval_pairs"]),
             "sampled": len(sampled["eval_pairs"]),
-            **token_length_report(sampled["eval_pairs"], tokenizer, params.dpo.sequence.max_length),
+            **token_length_report(sampled["eval_pairs"], tokenizer, budgets["eval_pairs"][0]),
+            "cut_to_fit": results["eval_pairs"].cut_rows,
             "template": boundary_report(sampled["eval_pairs"], tokenizer),
         },
     }
@@ -124,7 +140,7 @@ def prepare(
     for name, section in summary.items():
         print(
             f"{name}: kept {section['kept']} of {section['lines']} lines, dropped {section['dropped']}, "
-            f"duplicates {section['duplicates_removed']}, truncated {section['truncated_rows']}; "
+            f"duplicates {section['duplicates_removed']}, cut to fit {section['cut_to_fit']}; "
             f"prompt boundary {section['template']['prompt_boundary']}"
         )
         for dropped in section["dropped_lines"]:

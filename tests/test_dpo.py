@@ -41,7 +41,7 @@ def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
         },
     )
     base = tmp_path / "base"
-    build_base(params, raw, base)
+    build_base(params, ROOT / "data/builtin/sft.jsonl", base)  # byte-level BPE: Chinese text needs no merges
     prepared = tmp_path / "pairs.jsonl"
     (tmp_path / "no_responses.jsonl").write_text("")
     report = build_pairs(params, tmp_path / "no_responses.jsonl", raw, base, prepared, tmp_path / "report.json")

@@ -47,7 +47,6 @@ def write_lines(path: Path, lines: list[str]) -> Path:
         (json.dumps({"prompt": "a", "chosen": "b", "rejected": "b"}), "'chosen' is identical to 'rejected'"),
         (json.dumps({"prompt": "a", "chosen": 3, "rejected": "c"}), "'chosen' must be a string"),
         (json.dumps(["a", "b"]), "expected a JSON object"),
-        (json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "score": 1}), "unknown field(s) score"),
     ],
 )
 def test_each_bad_human_pair_line_is_reported_and_nothing_written(tmp_path, line, reason):
@@ -103,16 +102,16 @@ def test_drop_policy_drops_within_budget_and_reports_why(tmp_path, base):
     rows.append(json.dumps(GOOD_PAIR))  # a duplicate
     pairs = write_lines(tmp_path / "pairs.jsonl", rows)
     params = load_params(ROOT / "params.yaml", {"data.on_bad_lines": "drop", "data.max_bad_fraction": 0.1})
-    rows, report = incoming_pairs(params, pairs)
+    rows, report = incoming_pairs(params, pairs, "standard")
     assert report["dropped"] == 1 and report["dropped_reasons"] == {"not valid JSON (Expecting value)": 1}
     assert report["dropped_lines"] == [f"{pairs}:31: not valid JSON (Expecting value)"]
     assert report["duplicates_removed"] == 1 and report["kept"] == 31 == len(rows)
     strict = load_params(ROOT / "params.yaml", {"data.on_bad_lines": "drop", "data.max_bad_fraction": 0.01})
     with pytest.raises(DataError, match="more than data.max_bad_fraction"):
-        incoming_pairs(strict, pairs)
+        incoming_pairs(strict, pairs, "standard")
 
 
-def test_report_counts_truncation_and_token_lengths(tmp_path, base):
+def test_report_counts_truncation_and_token_lengths_of_training_pairs(tmp_path, base):
     long_pair = {**GOOD_PAIR, "chosen": " four" * 200}
     pairs = write_lines(tmp_path / "pairs.jsonl", [json.dumps(GOOD_PAIR), json.dumps(long_pair)])
     report = human_pairs_report(load_params(ROOT / "params.yaml"), pairs, base, tmp_path)

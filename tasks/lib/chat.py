@@ -167,6 +167,34 @@ def preference_ids(tokenizer, prompt: Any, chosen: Any, rejected: Any) -> tuple[
     return prompt_ids[:start], chosen_ids[start:], rejected_ids[start:]
 
 
+def _with_content(response: Any, text: str) -> Any:
+    return text if isinstance(response, str) else [*response[:-1], {**response[-1], "content": text}]
+
+
+def cut_response(tokenizer, prompt: Any, response: Any, max_length: int) -> tuple[Any, bool] | None:
+    """The response cut at its end so prompt + response fit in `max_length` tokens, and whether it was cut.
+
+    TRL's `keep_start` truncation (the prompt whole, the response's end cut) done once on the text, so the file
+    `prepare` writes is what training and every evaluator read: lm-eval refuses a continuation longer than its
+    window. None when the prompt alone leaves no room for a response token (TRL drops such a pair).
+    """
+    split = split_ids(tokenizer, prompt, response)
+    excess = len(split.prompt_ids) + len(split.response_ids) - max_length
+    if excess <= 0:
+        return response, False
+    text_ids = tokenizer(last_content(response), add_special_tokens=False)["input_ids"]
+    keep = len(text_ids) - excess
+    while keep > 0:
+        # A cut inside a multi-byte character decodes to U+FFFD: that half-character goes too.
+        candidate = _with_content(response, tokenizer.decode(text_ids[:keep]).rstrip("\ufffd"))
+        cut = split_ids(tokenizer, prompt, candidate)
+        excess = len(cut.prompt_ids) + len(cut.response_ids) - max_length
+        if excess <= 0:
+            return candidate, True
+        keep -= excess  # the template's own tokens around the text can shift by a few: cut again
+    return None
+
+
 def completion_ids(tokenizer, row: dict) -> dict[str, list[int]]:
     """An SFT row (prompt + completion, or a conversation's last assistant turn) as TRL's processed SFT columns."""
     example = last_turn_example(row) if "messages" in row else row

@@ -1,7 +1,9 @@
 """Data formats people bring, converted to TRL's (what every stage reads), row by row.
 
 - `trl`: pairs `prompt`/`chosen`/`rejected` (strings, or message lists); SFT `prompt`/`completion` strings or
-  `messages`; prompt pools `prompt`.
+  `messages`; prompt pools `prompt`. Pairs whose prompt is implicit (`chosen`/`rejected` whole conversations that
+  share their first turns, with no `prompt` or a string one beside them: the UltraFeedback-binarized shape) get
+  their prompt extracted as TRL's DPOTrainer does (`trl.data_utils.maybe_extract_prompt`).
 - `sharegpt` (LLaMA-Factory): `conversations` of `from`/`value` turns (system turns allowed, optional `system`
   field). Pairs: the conversation ends with a human turn and `chosen`/`rejected` are gpt turns; SFT: it ends with
   a gpt turn; prompt pools: it ends with a human turn.
@@ -54,9 +56,25 @@ def detect(row: Any) -> str:
 def to_trl(row: Any, kind: str, data_format: Format = "auto") -> Any:
     """The row in TRL's format for `kind` (pairs / sft / prompts); a TRL row (or a non-object) comes back as is."""
     chosen_format = detect(row) if data_format == "auto" else data_format
-    if chosen_format == "trl" or not isinstance(row, dict):
+    if not isinstance(row, dict):
         return row
+    if chosen_format == "trl":
+        return _explicit_prompt(row) if kind == "pairs" else row
     return CONVERTERS[chosen_format](row, kind)
+
+
+def _explicit_prompt(row: dict) -> dict:
+    """A pair with its prompt split off `chosen`/`rejected` when it is implicit in them, as TRL reads it."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    implicit = isinstance(chosen, list) and isinstance(rejected, list) and not isinstance(row.get("prompt"), list)
+    if not implicit:
+        return row
+    from trl.data_utils import maybe_extract_prompt
+
+    if not chosen or not rejected or chosen[0] != rejected[0]:
+        raise FormatProblem("'chosen' and 'rejected' hold no 'prompt' and share no first turn to take it from")
+    # Whatever else the row holds (ids, scores, a `messages` copy) stays beside the pair, as extra fields.
+    return {**row, **maybe_extract_prompt({"chosen": chosen, "rejected": rejected})}
 
 
 def _text(value: Any, name: str) -> str:

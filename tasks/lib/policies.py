@@ -122,6 +122,19 @@ def load_base_tokenizer(base_dir: str | Path, model: ModelParams):
     return load_tokenizer(name_or_path, model, revision, chat_template=template)
 
 
+def base_window(base_dir: str | Path, model: ModelParams) -> int | None:
+    """The longest sequence the base model takes, read from its config as lm-eval's `hf` model reads it."""
+    from transformers import AutoConfig
+
+    name_or_path, revision = resolve_base(base_dir)
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=model.trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):  # lm-eval's HFLM.max_length order
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
 def has_cuda() -> bool:
     import torch
 

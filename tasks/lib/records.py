@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.lib.chat import render
+from tasks.lib.chat import cut_response, last_turn_example, render
 from tasks.lib.errors import DataError
 from tasks.lib.files import read_utf8
 from tasks.lib.formats import Format, FormatProblem, to_trl
 
 Kind = Literal["pairs", "sft", "prompts"]
+ExtraFields = Literal["ignore", "refuse"]
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -35,6 +36,10 @@ class ReadResult:
     row_lines: list[int] = field(default_factory=list)
     """The file line of each kept row."""
     bad: list[tuple[int, str]] = field(default_factory=list)
+    extra_fields: dict[str, int] = field(default_factory=dict)
+    cut_rows: int = 0
+    """Kept rows whose last response `fit_to_length` cut to fit the token budget."""
+    """Fields beyond the kind's own (ids, scores, metadata), each with how many kept rows had it: set aside."""
     duplicates: int = 0
     lines: int = 0
     unit: Literal["line", "row"] = "line"
@@ -92,9 +97,6 @@ def pair_problem(row: Any) -> str | None:
     """Why a parsed line is not a usable preference pair, or None."""
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
-    unknown = set(row) - {"prompt", "chosen", "rejected"}
-    if unknown:
-        return f"unknown field(s) {', '.join(sorted(unknown))}"
     conversational = isinstance(row.get("prompt"), list)
     for name in ("prompt", "chosen", "rejected"):
         problem = _field_problem(row, name, conversational)
@@ -112,17 +114,12 @@ def sft_problem(row: Any) -> str | None:
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
     if "messages" in row:
-        if set(row) != {"messages"}:
-            return "a 'messages' row must have no other fields"
         problem = _messages_problem(row["messages"], "messages")
         if problem:
             return problem
         if not any(m["role"] == "assistant" for m in row["messages"]):
             return "'messages' has no assistant message to learn from"
         return None
-    unknown = set(row) - {"prompt", "completion"}
-    if unknown:
-        return f"unknown field(s) {', '.join(sorted(unknown))}"
     for name in ("prompt", "completion"):
         problem = _field_problem(row, name, conversational=False)
         if problem:
@@ -134,9 +131,6 @@ def prompt_problem(row: Any) -> str | None:
     """Why a parsed line is not a usable prompt-pool entry `{"prompt": ...}`, or None."""
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
-    unknown = set(row) - {"prompt"}
-    if unknown:
-        return f"unknown field(s) {', '.join(sorted(unknown))}"
     problem = _field_problem(row, "prompt", conversational=isinstance(row.get("prompt"), list))
     if problem:
         return problem
@@ -146,6 +140,23 @@ def prompt_problem(row: Any) -> str | None:
 
 
 CHECKS: dict[str, Callable[[Any], str | None]] = {"pairs": pair_problem, "sft": sft_problem, "prompts": prompt_problem}
+
+
+def own_fields(row: dict, kind: Kind) -> tuple[str, ...]:
+    """The fields a row of `kind` trains on; any other field is extra."""
+    if kind == "pairs":
+        return ("prompt", "chosen", "rejected")
+    if kind == "sft":
+        return ("messages",) if "messages" in row else ("prompt", "completion")
+    return ("prompt",)
+
+
+def split_extra_fields(row: Any, kind: Kind) -> tuple[Any, list[str]]:
+    """The row with only its own fields, and the names of the others (sorted)."""
+    if not isinstance(row, dict):
+        return row, []
+    own = own_fields(row, kind)
+    return {name: row[name] for name in own if name in row}, sorted(set(row) - set(own))
 
 
 def raw_rows(path: Path) -> tuple[Literal["line", "row"], list[tuple[int, Any]]]:
@@ -191,8 +202,14 @@ def _saved_dataset(path: Path) -> list[dict[str, Any]]:
     return dataset.to_list()
 
 
-def read_records(path: str | Path, kind: Kind, data_format: Format = "auto") -> ReadResult:
-    """Read every row, convert it to TRL's format and validate it; keep good rows (deduplicated), note bad ones."""
+def read_records(
+    path: str | Path, kind: Kind, data_format: Format = "auto", extra_fields: ExtraFields = "ignore"
+) -> ReadResult:
+    """Read every row, convert it to TRL's format and validate it; keep good rows (deduplicated), note bad ones.
+
+    Fields beyond the kind's own (a dataset's ids, scores, metadata, a `messages` copy) are set aside and counted
+    in `result.extra_fields`, or, with `extra_fields="refuse"` (`data.extra_fields`), make their row bad.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
@@ -210,6 +227,10 @@ def read_records(path: str | Path, kind: Kind, data_format: Format = "auto") -> 
         except FormatProblem as problem:
             result.bad.append((number, str(problem)))
             continue
+        row, extras = split_extra_fields(row, kind)
+        if extras and extra_fields == "refuse":
+            result.bad.append((number, f"unknown field(s) {', '.join(extras)} (data.extra_fields: refuse)"))
+            continue
         problem = check(row)
         if problem:
             result.bad.append((number, problem))
@@ -221,6 +242,8 @@ def read_records(path: str | Path, kind: Kind, data_format: Format = "auto") -> 
         seen.add(key)
         result.rows.append(row)
         result.row_lines.append(number)
+        for name in extras:
+            result.extra_fields[name] = result.extra_fields.get(name, 0) + 1
     _refuse_mixed_formats(result)
     return result
 
@@ -262,6 +285,43 @@ def refuse_unrenderable(result: ReadResult, tokenizer) -> None:
         kept_lines.append(line)
     result.bad.sort()
     result.rows, result.row_lines = kept_rows, kept_lines
+
+
+def fit_to_length(result: ReadResult, tokenizer, max_length: int, setting: str) -> None:
+    """Cut each row's (last) response so prompt + response fit in `max_length` tokens; a prompt that alone leaves
+    no room makes its row bad. One length policy: what `prepare` writes is what SFT, DPO and lm-eval all read."""
+    kept_rows, kept_lines = [], []
+    for row, line in zip(result.rows, result.row_lines, strict=True):
+        fitted = _fitted_row(row, tokenizer, max_length)
+        if fitted is None:
+            prompt = last_turn_example(row)["prompt"] if "messages" in row else row["prompt"]
+            tokens = len(tokenizer(render(tokenizer, prompt), add_special_tokens=isinstance(prompt, str))["input_ids"])
+            result.bad.append((line, f"the prompt alone is {tokens} tokens: no room for a response within {setting}"))
+            continue
+        row, cut = fitted
+        result.cut_rows += cut
+        kept_rows.append(row)
+        kept_lines.append(line)
+    result.bad.sort()
+    result.rows, result.row_lines = kept_rows, kept_lines
+
+
+def _fitted_row(row: dict, tokenizer, max_length: int) -> tuple[dict, bool] | None:
+    if "messages" in row:
+        if row["messages"][-1]["role"] != "assistant":
+            return row, False  # nothing follows the last assistant turn in training: lengths are the trainer's
+        example = last_turn_example(row)
+        fitted = cut_response(tokenizer, example["prompt"], example["completion"], max_length)
+        return None if fitted is None else ({"messages": example["prompt"] + fitted[0]}, fitted[1])
+    sides = ("completion",) if "completion" in row else ("chosen", "rejected")
+    cut_any, fitted_row = False, dict(row)
+    for side in sides:
+        fitted = cut_response(tokenizer, row["prompt"], row[side], max_length)
+        if fitted is None:
+            return None
+        fitted_row[side], cut = fitted
+        cut_any |= cut
+    return fitted_row, cut_any
 
 
 def enforce_bad_line_policy(result: ReadResult, on_bad_lines: str, max_bad_fraction: float) -> None:
@@ -322,4 +382,5 @@ def file_report(result: ReadResult) -> dict[str, Any]:
         "dropped_reasons": reasons,
         "dropped_lines": [f"{result.where(line)}: {reason}" for line, reason in result.bad],
         "duplicates_removed": result.duplicates,
+        "extra_fields_set_aside": dict(sorted(result.extra_fields.items())),
     }

@@ -62,6 +62,10 @@ class DataParams(Section):
     format: Literal["auto", "trl", "sharegpt", "hh", "alpaca"] = "auto"
     """Row format of every data source: `auto` detects each row's from its fields; a value forces one (TRL's own,
     ShareGPT/LLaMA-Factory `conversations`, Anthropic HH dialogues, Alpaca `instruction`/`input`/`output`)."""
+    extra_fields: Literal["ignore", "refuse"] = "ignore"
+    """Fields of a data row beyond its kind's own (a dataset's ids, `source`, `metadata`, `score_chosen`, a
+    `messages` copy beside a pair): `ignore` sets them aside (never trained on, counted per field in the data
+    report as `extra_fields_set_aside`); `refuse` makes such a row a bad line (see `on_bad_lines`)."""
     sample_fraction: float = Field(1.0, gt=0.0, le=1.0)
     """Fraction of the SFT rows and of the held-out pairs kept (a seeded sample, after validation and dedup)."""
     max_rows: PositiveInt | None = None
@@ -241,8 +245,10 @@ class ReferenceFreeParams(Section):
 class SequenceParams(Section):
     max_length: PositiveInt = 128
     """Tokens of prompt + response per pair; longer pairs are truncated (the data report counts them)."""
-    truncation_mode: Literal["keep_start", "keep_end"] = "keep_end"
-    """Which end of an over-long pair to keep."""
+    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
+    """Which end of an over-long training pair to keep: `keep_start` (the prompt whole, the response's end cut; what
+    `prepare` does to the held-out pairs every evaluator reads) or `keep_end` (the prompt's start cut; TRL deprecates
+    it and drops it in TRL 2.0)."""
 
 
 class GuardParams(Section):

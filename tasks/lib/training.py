@@ -94,6 +94,16 @@ def publish_logs(checkpoint_dir: Path, logs_dir: Path | None) -> None:
             scratch.mkdir()
 
 
+def checkpointing_field() -> str:
+    """transformers 5.20+ renamed `gradient_checkpointing` (FutureWarning); older releases know only the old name."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {field.name for field in fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def training_arguments(
     train: TrainingParams,
     checkpoint_dir: Path,
@@ -114,7 +124,7 @@ def training_arguments(
         "warmup_steps": train.warmup_ratio,
         "lr_scheduler_type": train.scheduler,
         "weight_decay": train.weight_decay,
-        "gradient_checkpointing": train.gradient_checkpointing,
+        checkpointing_field(): train.gradient_checkpointing,
         "bf16": use_bf16(train.bf16),
         "use_cpu": not has_cuda(),
         "save_strategy": "steps",

@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -301,6 +302,20 @@ def start_server(path: Path, env: dict[str, str] | None = None) -> Iterator[Path
         server.wait()
 
 
+SOCKET_PREFIX = "sftdpo-warm-"
+"""The warm server's socket folder in the temp folder: `sftdpo-warm-<pid of the process that started it>-<random>`."""
+
+
+def _remove_sockets_of_dead_servers() -> None:
+    """Socket folders whose starter was killed (SIGKILL skips the clean-up); a live starter's are left alone."""
+    from tasks.lib.files import process_running
+
+    for folder in Path(tempfile.gettempdir()).glob(f"{SOCKET_PREFIX}*-*"):
+        pid = folder.name[len(SOCKET_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not process_running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def warm_stages(env: dict[str, str] | None = None) -> Iterator[Path]:
     """For the duration, `SFT_DPO_WARM` in this process's environment names a warm server started with `env`
@@ -312,7 +327,9 @@ def warm_stages(env: dict[str, str] | None = None) -> Iterator[Path]:
     if previous and Path(previous).exists():
         yield Path(previous)
         return
-    with tempfile.TemporaryDirectory(prefix="sftdpo-warm-") as scratch, start_server(Path(scratch) / "s", env) as path:
+    _remove_sockets_of_dead_servers()
+    scratch_folder = tempfile.TemporaryDirectory(prefix=f"{SOCKET_PREFIX}{os.getpid()}-")
+    with scratch_folder as scratch, start_server(Path(scratch) / "s", env) as path:
         os.environ[WARM_ENV] = str(path)
         try:
             yield path
