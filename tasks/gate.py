@@ -34,27 +34,26 @@ def policy_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
 
 
 def refusals(gate: GateParams, candidate: dict[str, float], baseline: dict[str, float], guard: dict) -> list[str]:
-    """Why the candidate may not replace the baseline; empty when it may."""
-    reasons = []
-    if "task_accuracy" in candidate and "task_accuracy" in baseline:
-        drop = baseline["task_accuracy"] - candidate["task_accuracy"]
-        if drop > gate.max_task_accuracy_drop + 1e-9:
-            reasons.append(
-                f"task_accuracy fell {baseline['task_accuracy']:.4f} -> {candidate['task_accuracy']:.4f} "
-                f"(dpo.gate.max_task_accuracy_drop: {gate.max_task_accuracy_drop})"
-            )
-    for metric, limit, key in (
+    """Why the candidate may not replace the baseline; empty when it may. A threshold that is set but whose metric
+    either eval lacks is a reason too: unchecked is not passed."""
+    checks = (
+        ("task_accuracy", gate.max_task_accuracy_drop, "max_task_accuracy_drop"),
         ("perplexity", gate.max_perplexity_rise, "max_perplexity_rise"),
         ("chosen_nll", gate.max_chosen_nll_rise, "max_chosen_nll_rise"),
-    ):
-        if limit is None or metric not in candidate or metric not in baseline:
+    )
+    reasons = []
+    for metric, limit, key in checks:
+        if limit is None:
             continue
-        rise = candidate[metric] / baseline[metric] - 1
-        if rise > limit + 1e-9:
-            reasons.append(
-                f"{metric} rose {baseline[metric]:.4g} -> {candidate[metric]:.4g} "
-                f"(+{rise:.1%}; dpo.gate.{key}: {limit:.0%})"
-            )
+        lacking = [name for name, scores in (("round's", candidate), ("baseline's", baseline)) if metric not in scores]
+        if lacking:
+            reasons.append(f"{metric} unchecked: the {' and '.join(lacking)} eval has none (dpo.gate.{key}: {limit})")
+            continue
+        old, new = baseline[metric], candidate[metric]
+        if metric == "task_accuracy" and old - new > limit + 1e-9:
+            reasons.append(f"task_accuracy fell {old:.4f} -> {new:.4f} (dpo.gate.{key}: {limit})")
+        elif metric != "task_accuracy" and new / old - 1 > limit + 1e-9:
+            reasons.append(f"{metric} rose {old:.4g} -> {new:.4g} (+{new / old - 1:.1%}; dpo.gate.{key}: {limit:.0%})")
     if gate.require_guard_ok and guard.get("quality") != "ok":
         reasons.append(
             f"collapse guard: {'; '.join(guard.get('guard_reasons') or ['failed-quality'])} "

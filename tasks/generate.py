@@ -40,6 +40,27 @@ def sampling_fingerprint(params: Params, policy: Path, prompts: Path) -> dict:
     }
 
 
+def write_batch(path: Path, batch: list[dict], backend, settings, seed: int) -> None:
+    """Sample one batch's responses and write its rows (a finished batch, for resuming)."""
+    samples = backend.sample(
+        [render(backend.tokenizer, row["prompt"]) for row in batch],
+        settings,
+        seed,
+        add_special_tokens=adds_special_tokens(batch[0]["prompt"]),
+    )
+    finished = [
+        {
+            **row,
+            "responses": [s.text for s in group],
+            "tokens": [s.tokens for s in group],
+            "finished": [s.finished for s in group],
+        }
+        for row, group in zip(batch, samples, strict=True)
+    ]
+    with atomic_path(path) as scratch:
+        write_records(scratch, finished)
+
+
 def generate_round(params: Params, policy: Path, prompts: Path, out: Path, checkpoints: Path, metrics: Path) -> dict:
     """Sample every prompt's responses (resuming finished batches) and write them with their prompts.
 
@@ -65,31 +86,18 @@ def generate_round(params: Params, policy: Path, prompts: Path, out: Path, check
     done = {int(path.stem) for path in checkpoints.glob("*.jsonl")} if resumed else set()
     # On several processes each samples every world_size-th batch; seeds are per batch, so the samples are the same.
     skipped = done | {index for index in range(len(batches)) if index % world_size() != rank()}
-    backend, tokenizer = None, None
+    backend = None
     started = time.perf_counter()
-    for index, batch in enumerate(tqdm(batches, desc="generate", unit="batch", file=sys.stderr, mininterval=5)):
-        if index in skipped:
-            continue
-        if backend is None:
-            backend = open_backend(settings.backend, policy, params.model)
-            tokenizer = backend.tokenizer
-        samples = backend.sample(
-            [render(tokenizer, row["prompt"]) for row in batch],
-            settings,
-            batch_seed(settings.seed, index),
-            add_special_tokens=adds_special_tokens(batch[0]["prompt"]),
-        )
-        finished = [
-            {
-                **row,
-                "responses": [s.text for s in group],
-                "tokens": [s.tokens for s in group],
-                "finished": [s.finished for s in group],
-            }
-            for row, group in zip(batch, samples, strict=True)
-        ]
-        with atomic_path(checkpoints / f"{index:06d}.jsonl") as scratch:
-            write_records(scratch, finished)
+    try:
+        for index, batch in enumerate(tqdm(batches, desc="generate", unit="batch", file=sys.stderr, mininterval=5)):
+            if index in skipped:
+                continue
+            if backend is None:
+                backend = open_backend(settings, policy, params.model)
+            write_batch(checkpoints / f"{index:06d}.jsonl", batch, backend, settings, batch_seed(settings.seed, index))
+    finally:
+        if backend is not None:
+            backend.close()
     seconds = time.perf_counter() - started
     barrier()
     if not is_main():

@@ -97,7 +97,7 @@ def round_decisions(params: Params, policies: Path) -> dict[str, dict]:
         promotion = read_json(policies / name / PROMOTION_FILE)
         decisions[name] = {
             "previous": spec.previous,
-            "reference": spec.reference,
+            "reference": spec.reference_used,
             "promoted": promotion["promoted"],
             "reasons": promotion["reasons"],
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from tasks.lib.builtin_task import refuse_questions_the_rule_judge_cannot_score
 from tasks.lib.chat import boundary_report, sft_loss_mask
 from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, write_json, write_records
@@ -103,6 +104,9 @@ def prepare(
             problems.append(str(error))
     if problems:
         raise DataError("\n".join(problems))
+    refuse_questions_the_rule_judge_cannot_score(
+        params.onpolicy.judge.kind, results["eval_pairs"], "every eval judges its answers to the held-out prompts"
+    )
     sampled = {
         name: sample(result.rows, data.sample_fraction, data.max_rows, data.seed) for name, result in results.items()
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from tasks.lib.builtin_task import refuse_questions_the_rule_judge_cannot_score
 from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, write_json, write_records
 from tasks.lib.records import ReadResult, enforce_bad_line_policy, file_report, read_records, row_format
@@ -86,6 +87,7 @@ def draw_prompts(
     """
     result = read_records(pool, "prompts", params.data.format, params.data.extra_fields)
     enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
+    refuse_questions_the_rule_judge_cannot_score(params.onpolicy.judge.kind, result, "it judges every round's samples")
     settings = params.onpolicy.prompts
     round_index = list(params.dpo.rounds).index(round_name)
     indices, reused = round_slice(len(result.rows), settings.per_round, round_index, settings.seed)

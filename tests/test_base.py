@@ -14,9 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "chat_templates/chatml_generation.jinja"
 
 
-def test_a_template_outside_the_tracked_folder_is_refused_by_params():
-    with pytest.raises(ParamsError, match=r"model.*put the template in chat_templates/"):
+def test_a_template_outside_the_tracked_folder_is_refused_at_the_keys_own_line(tmp_path):
+    with pytest.raises(ParamsError, match=r"model.chat_template: put the template in chat_templates/"):
         load_params(ROOT / "params.yaml", {"model.chat_template": "/tmp/my.jinja"})
+    text = (ROOT / "params.yaml").read_text()
+    assert "\n  chat_template: null" in text
+    edited = tmp_path / "params.yaml"
+    edited.write_text(text.replace("\n  chat_template: null", "\n  chat_template: /tmp/my.jinja", 1))
+    line = next(n for n, row in enumerate(edited.read_text().splitlines(), 1) if "chat_template: /tmp" in row)
+    with pytest.raises(ParamsError, match=rf"params.yaml:{line}: model.chat_template: put the template"):
+        load_params(edited)
 
 
 def test_a_template_that_does_not_parse_is_named_with_its_line(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Stages on two gloo processes (`compute.processes: 2`, torchrun on the CPU): data-parallel training averages the
+"""Stages on two and three gloo processes (`compute.processes`, torchrun on the CPU): data-parallel training averages
 gradients (it matches one process with the same global batch, which training each rank alone would not), every
 process ends with the same weights, rank 0 alone writes; the sharded stages write what one process writes.
 
@@ -8,6 +8,7 @@ explain a difference: only the averaging can.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -139,41 +140,45 @@ def test_dpo_on_two_processes_averages_gradients_like_one_process_with_the_same_
     assert difference < tolerance, f"2 processes differ from 1 by {difference:.3g} (tolerance {tolerance:.3g})"
 
 
-def test_generate_on_two_processes_writes_the_samples_one_process_wrote(pipeline, tmp_path):
-    """Against the micro pipeline's own round-1 samples (one process, the same params)."""
+def test_generate_on_more_processes_than_batches_writes_the_samples_one_process_wrote(pipeline, tmp_path):
+    """Three processes, two batches (the micro round's 32 prompts, 16 a call): rank 2 samples nothing and still
+    joins and leaves the group. Against the micro pipeline's own round-1 samples (one process, the same params)."""
     out = tmp_path / "generations.jsonl"
     log = run_stage(
-        pipeline, "tasks.generate", "--params", str(params_file(pipeline, tmp_path, 2)),
+        pipeline, "tasks.generate", "--params", str(params_file(pipeline, tmp_path, 3)),
         "--policy", str(pipeline / "models/policies/sft"),
         "--prompts", str(pipeline / "data/rounds/r1/prompts.jsonl"),
         "--out", str(out), "--checkpoints", str(tmp_path / "checkpoints"),
         "--metrics", str(tmp_path / "generate.json"),
     ).stdout  # fmt: skip
-    assert "--nproc_per_node=2" in log and log.count(" responses to ") == 1
+    assert "--nproc_per_node=3" in log and log.count(" responses to ") == 1
+    assert read_json(tmp_path / "generate.json")["batches"] < 3, "no process went without a batch"
     assert out.read_bytes() == (pipeline / "data/rounds/r1/generations.jsonl").read_bytes()
 
 
-def test_reference_logps_on_two_processes_are_the_ones_one_process_wrote(pipeline, tmp_path):
-    """Against the micro pipeline's own round-1 reference log-probs (one process, the same params)."""
+def test_reference_logps_on_three_processes_are_the_ones_one_process_wrote(pipeline, tmp_path):
+    """Against the micro pipeline's own round-1 reference log-probs (one process, the same params); ~30 pairs in
+    batches of 8 do not split evenly over three processes."""
     log = run_stage(
-        pipeline, "tasks.reference_logps", "--params", str(params_file(pipeline, tmp_path, 2)),
+        pipeline, "tasks.reference_logps", "--params", str(params_file(pipeline, tmp_path, 3)),
         "--round", "r1", "--sft-policy", str(pipeline / "models/policies/sft"),
         "--previous-policy", str(pipeline / "models/policies/sft"),
         "--pairs", str(pipeline / "data/prepared/pairs/r1.jsonl"),
         "--eval-pairs", str(pipeline / "data/prepared/eval_pairs.jsonl"),
         "--out", str(tmp_path / "reference_logps"),
     ).stdout  # fmt: skip
-    assert "--nproc_per_node=2" in log
+    assert "--nproc_per_node=3" in log
     for split in ("train.jsonl", "eval.jsonl"):
         written = (tmp_path / "reference_logps" / split).read_bytes()
         assert written == (pipeline / "models/reference_logps/r1" / split).read_bytes(), split
 
 
-def test_judge_with_a_reward_model_on_two_processes_writes_the_scores_one_process_wrote(pipeline, tmp_path):
+def test_judge_with_a_reward_model_on_three_processes_writes_the_scores_one_process_wrote(pipeline, tmp_path):
+    """128 responses in batches of 3: 43 batches, dealt 15/14/14 over three processes."""
     policy = pipeline / "models/policies/sft"
     reward_model = tiny_reward_model(policy, tmp_path / "rm")
     scored = {}
-    for processes in (1, 2):
+    for processes in (1, 3):
         params = params_file(
             pipeline, tmp_path, processes,
             **{"onpolicy.judge.kind": "reward_model", "onpolicy.judge.reward_model": str(reward_model),
@@ -186,10 +191,12 @@ def test_judge_with_a_reward_model_on_two_processes_writes_the_scores_one_proces
             "--out", str(scored[processes]), "--metrics", str(tmp_path / f"judge_{processes}.json"),
         ).stdout  # fmt: skip
         assert log.count("judge (reward_model)") == 1
-    assert "--nproc_per_node=2" in log
-    assert len(scored[1].read_text().splitlines()) > 3, "fewer rows than batches: the test proves nothing"
-    assert scored[2].read_bytes() == scored[1].read_bytes()
-    assert read_json(tmp_path / "judge_2.json") == read_json(tmp_path / "judge_1.json")
+    assert "--nproc_per_node=3" in log
+    responses = sum(len(row["responses"]) for row in map(json.loads, scored[1].read_text().splitlines()))
+    batches = -(-responses // 3)
+    assert responses % 3 and batches % 3, "the batches split evenly: the test proves less than it says"
+    assert scored[3].read_bytes() == scored[1].read_bytes()
+    assert read_json(tmp_path / "judge_3.json") == read_json(tmp_path / "judge_1.json")
 
 
 def test_eval_on_two_processes_uses_lm_evals_data_parallel_mode_and_writes_what_one_process_wrote(pipeline, tmp_path):

@@ -117,7 +117,7 @@ def test_a_clone_finishes_the_micro_pipeline_another_clone_ran_to_dpo_r1(harness
     assert read_json(second / "metrics/eval.json") == read_json(first / "metrics/eval.json")
 
 
-def test_a_push_that_fails_fails_the_run(harness, tmp_path):
+def test_an_unusable_remote_fails_the_run_before_any_stage_and_null_forgets_the_remote(harness, tmp_path):
     from flows.pipeline import sft_dpo
 
     counts = tmp_path / "counts"
@@ -131,8 +131,17 @@ def test_a_push_that_fails_fails_the_run(harness, tmp_path):
     state = sft_dpo(project=str(project), return_state=True)
 
     assert state.is_failed()
-    with pytest.raises(Exception, match="storage.remote"):
+    with pytest.raises(Exception, match=r"storage.remote .*a-file is a file"):
         state.result()
+    assert runs(counts) == {}, "a stage ran before the remote was found unusable"
+
+    def no_remote(params: dict) -> None:
+        params["storage"]["remote"] = None
+
+    edit_params(project, no_remote)
+    assert sft_dpo(project=str(project), return_state=True).is_completed()
+    assert REMOTE_NAME not in dvc(project, "remote", "list", "--local").stdout
+    assert runs(counts) == {"left": 1, "report": 1, "source": 1}
 
 
 def test_an_interrupted_push_is_seen_and_the_next_push_completes_it(tmp_path):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import dvc, edit_params, project_env, read_json, read_params, tiny_reward_model
 
 from flows.params_file import extended_rounds
@@ -26,7 +27,7 @@ from tasks.lib.errors import DataError, SettingError
 from tasks.lib.files import load_records, write_records
 from tasks.lib.hashing import file_digest
 from tasks.lib.judges import FunctionJudge, RuleJudge
-from tasks.lib.params import load_params
+from tasks.lib.params import ParamsError, load_params, validate
 from tasks.lib.schema import GateParams, JudgeParams, OnPolicyParams, PairParams
 from tasks.pairs import judged_pairs, prompt_pairs
 from tasks.prompts import round_slice
@@ -148,7 +149,7 @@ def test_one_attribute_pairs_need_a_judge_that_reports_attributes():
 
 
 def test_gate_names_every_regression_beyond_its_tolerance():
-    gate = GateParams(max_task_accuracy_drop=0.05, max_perplexity_rise=0.5, require_guard_ok=True)
+    gate = GateParams(max_task_accuracy_drop=0.05, max_perplexity_rise=0.5, max_chosen_nll_rise=None)
     baseline = {"task_accuracy": 0.60, "perplexity": 100.0}
     assert refusals(gate, {"task_accuracy": 0.56, "perplexity": 149.0}, baseline, {"quality": "ok"}) == []
     reasons = refusals(
@@ -168,6 +169,22 @@ def test_gate_refuses_a_round_that_forgets_the_preferred_answers_not_one_that_le
     forgot = {"task_accuracy": 0.6, "perplexity": 90.0, "chosen_nll": 0.90}
     (reason,) = refusals(gate, forgot, start, {"quality": "ok"})
     assert reason == "chosen_nll rose 0.8 -> 0.9 (+12.5%; dpo.gate.max_chosen_nll_rise: 5%)"
+
+
+def test_gate_refuses_a_round_whose_thresholds_it_could_not_check_and_params_name_the_missing_eval_task():
+    gate = GateParams(max_task_accuracy_drop=0.0, max_chosen_nll_rise=0.05)
+    only_accuracy = {"task_accuracy": 0.6}
+    (reason,) = refusals(gate, only_accuracy, only_accuracy, {"quality": "ok"})
+    assert reason.startswith("chosen_nll unchecked: the round's and baseline's eval has none")
+    assert refusals(GateParams(max_chosen_nll_rise=None), only_accuracy, only_accuracy, {"quality": "ok"}) == []
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["eval"]["tasks"] = ["sftdpo_preference", "sftdpo_generation"]
+    with pytest.raises(ParamsError, match=r"dpo.gate.max_chosen_nll_rise: its metric comes from the eval task "
+                       r"sftdpo_chosen_nll, which eval.tasks leaves out"):  # fmt: skip
+        validate(raw)
+    raw["dpo"]["gate"]["max_chosen_nll_rise"] = None
+    validate(raw)
 
 
 def test_a_length_penalty_lowers_long_responses_scores_and_keeps_the_judges_own():

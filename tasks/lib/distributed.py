@@ -76,6 +76,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_process_group() -> None:
+    """Wait for every process, then close the group: a process that exits while gloo's threads still talk to the
+    others is aborted by the C++ runtime (`terminate called without an active exception`), seen on 3 processes
+    when the ranks that only send their share exit while rank 0 still gathers."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def ensure_process_group() -> None:
     """Join the launcher's process group (gloo on a CPU, NCCL on GPUs) for a stage that shards without a trainer."""
     import torch

@@ -7,13 +7,13 @@ python -m tasks.lib.params_cli --markdown               # the reference table (`
 from __future__ import annotations
 
 import argparse
-import sys
 import typing
 
 from pydantic import BaseModel
 
 from tasks.lib.params import ParamsError, load_params
 from tasks.lib.schema import Params, Section
+from tasks.lib.stage import exit_bad_input
 
 
 def _mapping_entry(annotation) -> type[Section] | None:
@@ -63,7 +63,7 @@ def main() -> None:
     try:
         load_params(args.params)
     except ParamsError as error:
-        sys.exit(f"invalid params:\n{error}")
+        exit_bad_input(f"invalid params:\n{error}")  # the status a stage exits with for the same params
     print(f"{args.params}: valid")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LossType = Literal[
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -22,6 +22,12 @@ PROJECT_EVAL_TASKS = (
     "sftdpo_preference", "sftdpo_generation", "sftdpo_perplexity", "sftdpo_chosen_nll", "sftdpo_text_nll",
 )  # fmt: skip
 """The project's own lm-eval tasks (tasks/lm_eval_tasks/), rendered per model from the held-out data."""
+GATE_THRESHOLD_TASKS = {
+    "max_task_accuracy_drop": "sftdpo_generation",
+    "max_perplexity_rise": "sftdpo_perplexity",
+    "max_chosen_nll_rise": "sftdpo_chosen_nll",
+}
+"""Each `dpo.gate` threshold and the project eval task whose metric it reads."""
 RESERVED_ROUND_NAMES = (SFT_POLICY, "merged", "base")
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -138,16 +144,18 @@ class ModelParams(Section):
     builtin: BuiltinModelParams = BuiltinModelParams()
     """Shape of the built-in model (used when `base: builtin`)."""
 
-    @model_validator(mode="after")
-    def _template_in_tracked_folder(self) -> ModelParams:
-        if self.chat_template is not None:
-            path = PurePosixPath(self.chat_template)
+    @field_validator("chat_template")
+    @classmethod
+    def _template_in_tracked_folder(cls, value: str | None) -> str | None:
+        # A field check: its error is reported at the key's own line of params.yaml, not at `model:`.
+        if value is not None:
+            path = PurePosixPath(value)
             if path.is_absolute() or path.parts[:1] != (CHAT_TEMPLATES_DIR,) or ".." in path.parts:
                 raise ValueError(
-                    f"chat_template {self.chat_template}: put the template in {CHAT_TEMPLATES_DIR}/ (a path relative "
-                    "to the project) so DVC tracks its content"
+                    f"put the template in {CHAT_TEMPLATES_DIR}/ (a path relative to the project) so DVC tracks its "
+                    "content"
                 )
-        return self
+        return value
 
 
 class LoraParams(Section):
@@ -267,9 +275,11 @@ class GuardParams(Section):
 
 
 class GateParams(Section):
-    max_task_accuracy_drop: float = Field(0.0, ge=0)
+    max_task_accuracy_drop: float | None = Field(0.0, ge=0)
     """Largest fall of task accuracy (absolute) versus the policy the round started from that still promotes the
-    round."""
+    round; None: not checked. Each threshold that is set needs the eval task that measures it in `eval.tasks`
+    (`sftdpo_generation`, `sftdpo_perplexity`, `sftdpo_chosen_nll`): a threshold the gate cannot check refuses the
+    round rather than pass it unchecked."""
     max_perplexity_rise: float | None = Field(None, ge=0)
     """Largest relative rise of held-out SFT-completion perplexity (1.0 = may double) that still promotes the round;
     None: not checked. Half of those completions are in the style the preference rejects, so this perplexity rises
@@ -297,6 +307,11 @@ class RoundParams(Section):
     (TRL's ORPOTrainer and CPOTrainer with `loss_type: simpo`, settings in `dpo.reference_free`): no reference
     log-probs are computed for the round (less compute, no reference in memory) and `reference` is unused; the
     round is evaluated and gated like a DPO round."""
+
+    @property
+    def reference_used(self) -> str | None:
+        """The policy the round's loss compares against, as its records state it: None for a reference-free round."""
+        return self.reference if self.objective == "dpo" else None
 
 
 class DPOParams(Section):
@@ -355,9 +370,22 @@ class PromptParams(Section):
     """Seed of the pool's shuffle (every round takes the next slice of the same shuffle)."""
 
 
+class VllmParams(Section):
+    python: str | None = None
+    """Interpreter of vLLM's own environment, where the `generate` stage runs its sampler (vLLM pins a torch and
+    transformers of its own). None: `.venv-vllm/bin/python` beside the project's environment, which `make vllm`
+    builds (found from the running interpreter, so experiment and flow workspaces find it too)."""
+    memory_fraction: float = Field(0.2, gt=0, le=1)
+    """vLLM's `gpu_memory_utilization`: the share of GPU memory it takes for weights and KV cache (on a CPU, the
+    share of RAM)."""
+
+
 class GenerateParams(Section):
-    backend: Literal["transformers"] = "transformers"
-    """Generation engine behind `tasks.lib.generation.GenerationBackend` (`transformers`: batched `generate`)."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """Generation engine behind `tasks.lib.generation.GenerationBackend`: `transformers` (batched `generate`) or
+    `vllm` (vLLM's engine on the stored policy's merged weights, in its own environment: `make vllm`)."""
+    vllm: VllmParams = VllmParams()
+    """Settings of the `vllm` backend."""
     samples_per_prompt: int = Field(4, ge=2)
     """Responses sampled per prompt (best and worst become a pair)."""
     temperature: float = Field(1.0, gt=0)
@@ -606,6 +634,25 @@ class Params(Section):
     """How many processes the stages that can share their work run on, and how they are launched."""
     storage: StorageParams = StorageParams()
     """Where the flow shares outputs with other machines (a DVC remote)."""
+
+    @model_validator(mode="after")
+    def _vllm_on_one_process(self) -> Params:
+        if self.onpolicy.generate.backend == "vllm" and self.compute.processes_for("generate") > 1:
+            raise ValueError(
+                "onpolicy.generate.backend: vllm runs one engine that batches every prompt itself; give generate one "
+                "process (compute.stage_processes: {generate: 1})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _gate_thresholds_measured(self) -> Params:
+        for key, task in GATE_THRESHOLD_TASKS.items():
+            if getattr(self.dpo.gate, key) is not None and task not in self.eval.tasks:
+                raise ValueError(
+                    f"dpo.gate.{key}: its metric comes from the eval task {task}, which eval.tasks leaves out; "
+                    f"add {task} to eval.tasks, or set dpo.gate.{key}: null to promote without that check"
+                )
+        return self
 
     @model_validator(mode="after")
     def _quantization_needs_lora(self) -> Params:

@@ -169,6 +169,7 @@ def stage_main(work: Callable[..., Any], argv: Sequence[str] | None = None) -> N
         skip_bitsandbytes_unless_quantized(params.model)
         skip_unused_trackers(params.tracking.report_to)
         work(**arguments)
+        distributed.leave_process_group()
     except BadInput as error:
         exit_bad_input(f"{error.kind}:\n{error}")
     except Exception as error:
