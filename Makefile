@@ -18,7 +18,7 @@ export PREFECT_HOST PREFECT_PORT
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_API_URL ?= http://$(PREFECT_HOST):$(PREFECT_PORT)/api
 
-.PHONY: demo dashboard plots test test-slow browser lint format install vllm check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-stories bench-alignment bench-qwen3 bench-stages bench-sweep bench-peer bench-scale chaos sweep
+.PHONY: demo dashboard plots test test-slow browser lint format install vllm check-tools params-reference clean serve stop run bench-orchestration bench-onpolicy bench-generation bench-gpu bench-stories bench-alignment bench-qwen3 bench-stages bench-sweep bench-peer bench-scale chaos sweep
 
 check-tools:
 	@command -v $(PYTHON) >/dev/null || { echo "python3 is missing: install Python 3.11 (e.g. apt-get install python3 python3-venv)"; exit 1; }
@@ -126,7 +126,12 @@ bench-onpolicy: $(STAMP)
 # Tokens/s of the batched sampler against one prompt at a time (needs the demo's SFT policy).
 bench-generation: $(STAMP) $(VLLM_STAMP)
 	@test -d models/policies/sft || $(BIN)/dvc repro reference
-	$(BIN)/python benchmarks/generation.py --policy models/policies/sft
+	$(BIN)/python benchmarks/generation.py --policy models/policies/sft $(ARGS)
+
+# On a machine with an NVIDIA GPU (never needed by the tests): the stages at a Qwen3-0.6B shape in bf16 + sdpa, LoRA
+# and 4-bit QLoRA DPO, and sampling; tokens/s, MFU and peak memory per stage. README: "Measured on a GPU".
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py --tokenizer $${SFT_DPO_REAL_ARTIFACTS:-../shared/real}/tokenizers/qwen3 --out .bench-gpu
 
 # A real pretrained model (llama2.c's stories260K in ../shared/real) through the pipeline with a function judge.
 bench-stories: $(STAMP)

@@ -16,6 +16,7 @@ peak resident memory of every process the backend ran (vLLM: its worker and engi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -70,10 +71,8 @@ class PeakMemory:
         while not self.done.wait(0.2):
             total = 0
             for process in [self.root, *self.root.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):  # a process that ended between listing and reading
                     total += process.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total)
 
     def stop(self) -> int:
@@ -137,9 +136,8 @@ def compare_batching(params_path: Path, policy: Path, prompts: int) -> None:
     batched = throughput(texts, settings, max(1, settings.batch_size // settings.samples_per_prompt))
     repeated = [text for text in texts for _ in range(settings.samples_per_prompt)]
     single = throughput(repeated, settings.model_copy(update={"samples_per_prompt": 1}), 1)
-    print(
-        f"policy {policy}, {len(texts)} prompts x {settings.samples_per_prompt}, torch threads {torch.get_num_threads()}"
-    )
+    threads = torch.get_num_threads()
+    print(f"policy {policy}, {len(texts)} prompts x {settings.samples_per_prompt}, torch threads {threads}")
     print("| sampler | sequences per call | tokens | seconds | tokens/s |\n| --- | --- | --- | --- | --- |")
     for label, per_call, (tokens, seconds) in (
         ("batched (left-padded)", settings.batch_size, batched),
