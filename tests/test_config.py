@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,7 +116,7 @@ def test_a_broken_round_chain_is_reported_at_the_rounds_own_line(tmp_path):
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        (b"", "expected a mapping of sections, got NoneType"),
+        (b"", "the file is empty; it needs every section the shipped params.yaml has"),
         (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text (invalid start byte at byte 0)"),
         (b"dpo: [unclosed\n", "not valid YAML"),
         (b"- just\n- a list\n", "expected a mapping of sections, got list"),
@@ -127,3 +129,8 @@ def test_unreadable_params_file_gets_one_clear_error(tmp_path, content, expected
     with pytest.raises(ParamsError, match=re.escape(f"{path}: ")) as error:
         load_params(path)
     assert expected in str(error.value)
+    # The command line says the same and exits as a stage with bad input does (2: orchestrators do not retry).
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.lib.params_cli", "--params", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 2 and expected in result.stderr

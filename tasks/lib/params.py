@@ -110,6 +110,11 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 def validate(
     raw: Any, source: str = "params.yaml", text: str | None = None, overridden: tuple[str, ...] = ()
 ) -> Params:
+    if raw is None:
+        raise ParamsError(
+            f"{source}: the file is empty; it needs every section the shipped params.yaml has (dvc.yaml reads keys "
+            "such as data.hub from it): start from the shipped file (`git show HEAD:params.yaml`)"
+        )
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
