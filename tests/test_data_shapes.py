@@ -47,7 +47,7 @@ EXPECTED = {"prompt": SKY, "chosen": BLUE, "rejected": GREEN}
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("base") / "base"
-    build_base(load_params(ROOT / "params.yaml"), ROOT / "data/builtin/sft.jsonl", out)
+    build_base(load_params(ROOT / "params.yaml", OWN_DATA), ROOT / "data/builtin/sft.jsonl", out)
     return out
 
 
@@ -60,6 +60,10 @@ def prepare_outputs(tmp_path: Path) -> list[Path]:
     return [tmp_path / name for name in ("train.jsonl", "heldout.jsonl", "pairs.jsonl", "report.json")]
 
 
+OWN_DATA = {"onpolicy.judge.kind": "reward_model", "onpolicy.judge.reward_model": "a-reward-model"}
+"""Params for data that is not the built-in task's: the default `rule` judge refuses such prompts at prepare."""
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -69,7 +73,7 @@ def test_extra_columns_are_set_aside_and_an_implicit_prompt_is_read_as_trl_reads
     red = [{"role": "assistant", "content": "It is red."}]
     other = {**row, "rejected": red if isinstance(row.get("prompt"), list) else SKY + red}
     pairs = write_rows(tmp_path / "eval.jsonl", [row, other])
-    summary = prepare(load_params(ROOT / "params.yaml"), ROOT / "data/builtin/sft.jsonl", pairs, base,
+    summary = prepare(load_params(ROOT / "params.yaml", OWN_DATA), ROOT / "data/builtin/sft.jsonl", pairs, base,
                       *prepare_outputs(tmp_path))  # fmt: skip
     written = read_jsonl(tmp_path / "pairs.jsonl")
     assert written == [EXPECTED, {**EXPECTED, "rejected": red}]
@@ -102,7 +106,7 @@ def test_eval_pairs_longer_than_the_model_window_are_cut_to_what_every_evaluator
     fits its window. prepare cuts each response (keep_start, as DPO trains) and the written pair fits."""
     long_answer = [{"role": "assistant", "content": "长的回答，" * 300}]
     pairs = write_rows(tmp_path / "eval.jsonl", [EXPECTED, {"prompt": SKY, "chosen": long_answer, "rejected": GREEN}])
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(ROOT / "params.yaml", OWN_DATA)
     summary = prepare(params, ROOT / "data/builtin/sft.jsonl", pairs, base, *prepare_outputs(tmp_path))
     tokenizer = load_base_tokenizer(base, params.model)
     written = read_jsonl(tmp_path / "pairs.jsonl")
@@ -119,7 +123,7 @@ def test_a_prompt_that_alone_fills_the_window_is_a_bad_line_naming_the_key(tmp_p
     outputs = prepare_outputs(tmp_path)
     with pytest.raises(DataError, match=rf"{pairs}:2: the prompt alone is \d+ tokens: no room for a response within "
                        r"dpo.sequence.max_length=128"):  # fmt: skip
-        prepare(load_params(ROOT / "params.yaml"), ROOT / "data/builtin/sft.jsonl", pairs, base, *outputs)
+        prepare(load_params(ROOT / "params.yaml", OWN_DATA), ROOT / "data/builtin/sft.jsonl", pairs, base, *outputs)
     assert not any(path.exists() for path in outputs)
 
 
@@ -128,7 +132,7 @@ def test_string_human_pairs_join_a_conversational_round_as_messages(tmp_path):
     incoming.mkdir()
     write_rows(incoming / "r1.jsonl", [{"prompt": "What is 2 plus 2?", "chosen": "4.", "rejected": "5.", "id": 1}])
     outputs = [tmp_path / "prompts.jsonl", tmp_path / "human.jsonl", tmp_path / "report.json"]
-    summary = draw_prompts(load_params(ROOT / "params.yaml"), "r1", POOL, incoming, *outputs)
+    summary = draw_prompts(load_params(ROOT / "params.yaml", OWN_DATA), "r1", POOL, incoming, *outputs)
     assert read_jsonl(tmp_path / "human.jsonl") == [
         {
             "prompt": [{"role": "user", "content": "What is 2 plus 2?"}],
@@ -146,7 +150,7 @@ def test_conversational_human_pairs_for_a_string_round_are_refused_before_sampli
     user_file = write_rows(incoming / "r1.jsonl", [EXPECTED])
     outputs = [tmp_path / "prompts.jsonl", tmp_path / "human.jsonl", tmp_path / "report.json"]
     with pytest.raises(DataError, match=rf"{user_file}:1: a conversational pair"):
-        draw_prompts(load_params(ROOT / "params.yaml"), "r1", pool, incoming, *outputs)
+        draw_prompts(load_params(ROOT / "params.yaml", OWN_DATA), "r1", pool, incoming, *outputs)
     assert not any(path.exists() for path in outputs)
 
 
@@ -170,5 +174,15 @@ def test_an_sft_file_with_no_usable_row_is_refused_before_the_base_is_built(tmp_
     sft = write_rows(tmp_path / "sft.jsonl", [{"messages": SKY}])
     out = tmp_path / "base"
     with pytest.raises(DataError, match=rf"{sft} \(data.sft\): no usable SFT rows in 1 lines\n{sft}:1: 'messages' has"):
-        build_base(load_params(ROOT / "params.yaml"), sft, out)
+        build_base(load_params(ROOT / "params.yaml", OWN_DATA), sft, out)
     assert not out.exists()
+
+
+def test_the_rule_judge_refuses_held_out_prompts_it_cannot_score_at_prepare_naming_the_line(tmp_path, base):
+    builtin = {**EXPECTED, "prompt": [{"role": "user", "content": "What is 2 plus 3?"}]}
+    pairs = write_rows(tmp_path / "eval.jsonl", [builtin, EXPECTED])
+    outputs = prepare_outputs(tmp_path)
+    with pytest.raises(DataError, match=rf"{pairs}:2: 'What color is the sky\?' is not a built-in task question, and "
+                       r"onpolicy.judge.kind: rule scores only data/generate.py's questions"):  # fmt: skip
+        prepare(load_params(ROOT / "params.yaml"), ROOT / "data/builtin/sft.jsonl", pairs, base, *outputs)
+    assert not any(path.exists() for path in outputs)

@@ -112,6 +112,7 @@ def test_reference_free_rounds_train_on_dpo_tokens_without_reference_logps(objec
         tmp_path / "plots.json", tmp_path / "metrics.json",
     )  # fmt: skip
     assert summary["objective"] == objective and summary["steps"] == 12
+    assert summary["reference"] is None, "a reference-free round recorded a reference it never used"
     assert summary["reference_eval_reward_accuracy"] is None
     assert summary["eval_reward_accuracy"] == 1.0
     assert summary["eval_reward_margin"] > summary["start_eval_reward_margin"] + 0.1

@@ -165,7 +165,12 @@ def test_sample_is_seeded_ordered_and_bounded():
 def test_prepare_reads_alpaca_sft_and_sharegpt_pairs_and_samples_them(tmp_path):
     from tasks.base import build_base
 
-    params = load_params(ROOT / "params.yaml", {"data.sample_fraction": 0.5, "data.max_rows": 6})
+    params = load_params(
+        ROOT / "params.yaml",
+        # Not the built-in task's questions: a judge other than the default `rule` (which would refuse them).
+        {"data.sample_fraction": 0.5, "data.max_rows": 6, "onpolicy.judge.kind": "reward_model",
+         "onpolicy.judge.reward_model": "a-reward-model"},
+    )  # fmt: skip
     base = tmp_path / "base"
     build_base(params, ROOT / "data/builtin/sft.jsonl", base)
     sft = write_sources([{**ALPACA_SFT, "output": f"answer {n}"} for n in range(20)], tmp_path / "sft")["parquet"]
