@@ -21,7 +21,7 @@ from tasks.lib.errors import QualityGateFailed
 from tasks.lib.files import atomic_path, load_records, load_splits, write_json
 from tasks.lib.hashing import file_digest
 from tasks.lib.policies import ADAPTER_DIR, load_model, load_tokenizer, merge_adapter, save_policy, scrub_saved_configs
-from tasks.lib.schema import GuardParams, Params, RoundParams, TrainingParams
+from tasks.lib.schema import EarlyStoppingParams, GuardParams, Params, RoundParams, TrainingParams
 from tasks.lib.stage import stage_main
 from tasks.lib.timing import phase
 from tasks.lib.training import (
@@ -66,16 +66,39 @@ def dpo_trainer(params: Params, checkpoints: Path, training: dict, trainer_argum
     config = dpo_sequence_config(
         params,
         checkpoints,
-        **training,
+        **{**training, **early_stopping_arguments(params.dpo.early_stopping)},
         precompute_ref_log_probs=True,
         loss_type=list(loss.types),
         loss_weights=loss.weights,
         beta=loss.beta,
         label_smoothing=loss.label_smoothing,
         ld_alpha=loss.ld_alpha,
-        eval_strategy="no",
     )
-    return stored_reference_trainer_class()(ref_model=None, args=config, **trainer_arguments)
+    return stored_reference_trainer_class()(
+        ref_model=None, args=config, callbacks=early_stopping_callbacks(params.dpo.early_stopping), **trainer_arguments
+    )
+
+
+def early_stopping_arguments(settings: EarlyStoppingParams) -> dict:
+    """Trainer settings for early stopping: evaluate and checkpoint every `eval_steps`, end on the best checkpoint."""
+    if settings.patience is None:
+        return {"eval_strategy": "no"}
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": settings.eval_steps,
+        "save_steps": settings.eval_steps,  # the best checkpoint can only be one that was saved
+        "load_best_model_at_end": True,
+        "metric_for_best_model": settings.metric,
+        "greater_is_better": settings.metric != "eval_loss",
+    }
+
+
+def early_stopping_callbacks(settings: EarlyStoppingParams) -> list:
+    if settings.patience is None:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=settings.patience)]
 
 
 def round_training(params: Params, spec: RoundParams) -> TrainingParams:
@@ -227,6 +250,7 @@ def train_round(
         "previous": spec.previous,
         "reference": spec.reference_used,
         "steps": trainer.state.global_step,
+        "best_step": trainer.state.best_global_step if params.dpo.early_stopping.patience else None,
         "train_loss_first": train_losses[0] if train_losses else None,
         "train_loss_last": train_losses[-1] if train_losses else None,
         "eval_loss": evaluation["eval_loss"],

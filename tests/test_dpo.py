@@ -119,6 +119,35 @@ def test_reference_free_rounds_train_on_dpo_tokens_without_reference_logps(objec
     assert summary["train_loss_last"] < summary["train_loss_first"]
 
 
+def test_early_stopping_ends_a_round_whose_held_out_loss_stops_falling_and_keeps_the_best_step(tmp_path):
+    """Held-out pairs that prefer the opposite of the training pairs: every step on the training pairs raises the
+    held-out DPO loss, so with patience 1 the round stops at its second evaluation and keeps the first."""
+    from tasks.reference_logps import round_reference_logps
+
+    train_rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no no no"} for i in range(16)]
+    heldout_rows = [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in train_rows[:8]]
+    pairs, heldout = tmp_path / "pairs.jsonl", tmp_path / "heldout.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in train_rows))
+    heldout.write_text("".join(json.dumps(row) + "\n" for row in heldout_rows))
+    overrides = {
+        "dpo.train.max_steps": 20, "dpo.train.batch_size": 8, "dpo.train.learning_rate": 0.01,
+        "dpo.train.warmup_ratio": 0.0, "dpo.train.logging_steps": 1, "dpo.guard.sanity_prompts": 1,
+        "dpo.loss.types": ["sigmoid"],
+        "dpo.early_stopping.patience": 1, "dpo.early_stopping.eval_steps": 2,
+    }  # fmt: skip
+    params = load_params(ROOT / "params.yaml", overrides)
+    base = tmp_path / "base"
+    build_base(params, ROOT / "data/builtin/sft.jsonl", base)
+    round_reference_logps(params, "r1", base, base, pairs, heldout, tmp_path / "ref")
+    summary = train_round(
+        params, "r1", base, tmp_path / "ref", tmp_path / "policy", tmp_path / "ckpt", None,
+        tmp_path / "plots.json", tmp_path / "metrics.json",
+    )  # fmt: skip
+    assert summary["steps"] == 4, "early stopping did not stop the round at its second evaluation"
+    assert summary["best_step"] == 2
+    assert summary["train_loss_last"] < summary["train_loss_first"], "the round did not train"
+
+
 def test_a_round_may_set_its_own_learning_rate_and_epochs():
     params = load_params(
         ROOT / "params.yaml",

@@ -259,6 +259,18 @@ class SequenceParams(Section):
     it and drops it in TRL 2.0)."""
 
 
+class EarlyStoppingParams(Section):
+    patience: PositiveInt | None = None
+    """Stop a DPO round (`objective: dpo`) once its held-out `metric` has not improved for this many evaluations,
+    and keep the best checkpoint (transformers' `EarlyStoppingCallback` with `load_best_model_at_end`); None: train
+    every step."""
+    eval_steps: PositiveInt = 5
+    """Evaluate (and checkpoint) the round every this many optimizer steps while early stopping is on."""
+    metric: Literal["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"] = "eval_loss"
+    """Held-out metric the round is stopped on: the DPO loss (lower is better) or TRL's reward accuracy / margin
+    on the held-out pairs (higher is better)."""
+
+
 class GuardParams(Section):
     max_chosen_logp_drop: float = Field(10.0, gt=0)
     """Collapse guard: largest allowed fall (nats per sequence) of held-out chosen log-prob versus the reference."""
@@ -327,6 +339,8 @@ class DPOParams(Section):
     """Tokenisation limits; shared by the reference log-prob stage so both see the same tokens."""
     train: TrainingParams = TrainingParams(learning_rate=2e-4, epochs=2, batch_size=8)
     """Optimisation settings of each round."""
+    early_stopping: EarlyStoppingParams = EarlyStoppingParams()
+    """Early stopping of each DPO round on a held-out metric (off by default)."""
     guard: GuardParams = GuardParams()
     """Collapse guard run after each round."""
     gate: GateParams = GateParams()
