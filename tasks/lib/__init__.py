@@ -7,7 +7,8 @@
 - `records`: validating data files (file:line reasons); `formats`: ShareGPT/HH/Alpaca rows to TRL's; `chat`:
   rendering prompts and responses as the model sees them.
 - `policies`: loading, saving, merging and scrubbing model folders; `training`: settings shared by the trainers.
-- `generation`: sampling backends; `judges`: the judge kinds; `builtin_task`: the built-in task's rule verifier.
+- `generation`: sampling backends (`vllm_worker`: vLLM's side, run in vLLM's own environment); `judges`: the
+  judge kinds; `builtin_task`: the built-in task's rule verifier.
 - `distributed`: ranks and process groups; `stats`: win rates and length control; `timing`: where a stage's time
   goes; `vega`: offline charts; `warm`: stage processes forked from a server with the libraries imported.
 """
