@@ -11,6 +11,9 @@ from tasks.evaluate import evaluate_model, other_task_metrics, task_kinds
 from tasks.lib.params import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+UNGATED = {"dpo.gate.max_task_accuracy_drop": None, "dpo.gate.max_chosen_nll_rise": None}
+"""An eval with only some of the project's tasks: the gate thresholds whose metrics it leaves out are turned off
+(params refuse a threshold that nothing measures)."""
 TASK_YAML = """
 task: capitals_mc
 dataset_path: json
@@ -60,7 +63,8 @@ def test_a_users_task_yaml_joins_the_project_tasks(tmp_path):
     task = tmp_path / "capitals.yaml"
     task.write_text(TASK_YAML.format(data=data), encoding="utf-8")
     params = load_params(
-        ROOT / "params.yaml", {"eval.tasks": ["sftdpo_preference", str(task)], "eval.limit": 4, "eval.kl_samples": 0}
+        ROOT / "params.yaml",
+        {"eval.tasks": ["sftdpo_preference", str(task)], "eval.limit": 4, "eval.kl_samples": 0, **UNGATED},
     )
     base = tmp_path / "base"
     build_base(params, ROOT / "data/builtin/sft.jsonl", base)
@@ -110,7 +114,7 @@ def test_the_forgetting_metric_is_the_per_token_nll_of_the_preferred_completions
     limit = 6
     params = load_params(
         ROOT / "params.yaml",
-        {"eval.tasks": ["sftdpo_chosen_nll", "sftdpo_text_nll"], "eval.limit": limit, "eval.kl_samples": 0},
+        {"eval.tasks": ["sftdpo_chosen_nll", "sftdpo_text_nll"], "eval.limit": limit, "eval.kl_samples": 0, **UNGATED},
     )
     base = tmp_path / "base"
     build_base(params, ROOT / "data/builtin/sft.jsonl", base)

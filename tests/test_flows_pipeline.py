@@ -85,6 +85,7 @@ def test_run_after_repro_skips_every_stage_and_publishes_the_dashboard(flow_proj
     assert "| r1 | sft |" in headline and headline.count("](data:image/png;base64,") >= 3
 
 
+@pytest.mark.slow  # 40 s; make test keeps test_flows_workspace's run apart from the tree
 def test_an_override_runs_what_dvc_says_apart_from_the_tree_and_dvc_exp_apply_takes_it(flow_project):
     project = flow_project
     before = {name: (project / name).read_bytes() for name in ("params.yaml", "dvc.lock", "metrics/eval.json")}

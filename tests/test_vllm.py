@@ -8,7 +8,6 @@ sets it), where a missing environment fails them.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,9 @@ import pytest
 import yaml
 from conftest import ROOT, dvc, edit_params, read_json
 
+from tasks.check_params import check_params
 from tasks.lib.chat import render
+from tasks.lib.errors import SettingError
 from tasks.lib.files import load_records
 from tasks.lib.generation import TransformersBackend, VllmBackend, completion_logps, vllm_problem
 from tasks.lib.params import ParamsError, load_params, validate
@@ -151,21 +152,18 @@ def test_a_round_sampled_by_vllm_trains_and_its_lora_policy_samples_like_transfo
 
 
 def test_a_missing_vllm_environment_is_one_clear_error_at_the_first_stage(tmp_path):
-    """`check_params`, the stage every other waits for, refuses the backend with what to run (exit 2: no retry)."""
+    """`check_params`, the stage every other waits for, refuses the backend with what to run (a SettingError: the
+    command line exits 2, which orchestrators do not retry) and writes nothing."""
     missing = tmp_path / "nowhere/bin/python"
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["onpolicy"]["generate"].update(backend="vllm", vllm={"python": str(missing)})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run(
-        [sys.executable, "-m", "tasks.check_params", "--params", str(tmp_path / "params.yaml"),
-         "--out", str(tmp_path / "valid.json")],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert (
+    params = load_params(
+        ROOT / "params.yaml", {"onpolicy.generate.backend": "vllm", "onpolicy.generate.vllm.python": str(missing)}
+    )
+    with pytest.raises(SettingError) as error:
+        check_params(params, tmp_path / "valid.json")
+    assert str(error.value) == (
         f"onpolicy.generate.backend: vllm, but there is no vLLM environment at {missing} "
         "(onpolicy.generate.vllm.python): run `make vllm` to build it"
-    ) in result.stderr
+    )
     assert not (tmp_path / "valid.json").exists()
     problem = vllm_problem(VllmParams(python=sys.executable))
     assert problem.endswith("cannot import vllm: run `make vllm` to (re)build it")
