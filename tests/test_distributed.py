@@ -18,6 +18,8 @@ import yaml
 from conftest import ROOT, read_json, read_params, tiny_reward_model
 
 ROWS = 8
+THREE_PROCESSES = pytest.mark.slow
+"""Three torchrun processes on a 2-core machine cost a minute of `make test`: these run in `make test-slow` (CI)."""
 
 
 def load_weights(folder: Path, name: str = "model.safetensors") -> dict:
@@ -140,6 +142,7 @@ def test_dpo_on_two_processes_averages_gradients_like_one_process_with_the_same_
     assert difference < tolerance, f"2 processes differ from 1 by {difference:.3g} (tolerance {tolerance:.3g})"
 
 
+@THREE_PROCESSES
 def test_generate_on_more_processes_than_batches_writes_the_samples_one_process_wrote(pipeline, tmp_path):
     """Three processes, two batches (the micro round's 32 prompts, 16 a call): rank 2 samples nothing and still
     joins and leaves the group. Against the micro pipeline's own round-1 samples (one process, the same params)."""
@@ -156,6 +159,7 @@ def test_generate_on_more_processes_than_batches_writes_the_samples_one_process_
     assert out.read_bytes() == (pipeline / "data/rounds/r1/generations.jsonl").read_bytes()
 
 
+@THREE_PROCESSES
 def test_reference_logps_on_three_processes_are_the_ones_one_process_wrote(pipeline, tmp_path):
     """Against the micro pipeline's own round-1 reference log-probs (one process, the same params); ~30 pairs in
     batches of 8 do not split evenly over three processes."""
@@ -173,6 +177,7 @@ def test_reference_logps_on_three_processes_are_the_ones_one_process_wrote(pipel
         assert written == (pipeline / "models/reference_logps/r1" / split).read_bytes(), split
 
 
+@THREE_PROCESSES
 def test_judge_with_a_reward_model_on_three_processes_writes_the_scores_one_process_wrote(pipeline, tmp_path):
     """128 responses in batches of 3: 43 batches, dealt 15/14/14 over three processes."""
     policy = pipeline / "models/policies/sft"
