@@ -84,7 +84,9 @@ test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 -m "not slow" tests
 
 # What takes minutes, so outside `make test` (CI runs both): whole pipelines on real third-party artifacts
-# (../shared/real), crash injection, two clones through a remote, a real browser, a served work pool, runs at once.
+# (../shared/real), crash injection, two clones through a remote, a real browser, a served work pool, runs at once,
+# stages on three processes, the vLLM backend against transformers (skipped without `make vllm`, unless
+# SFT_DPO_REQUIRE_VLLM is set, as CI sets it).
 test-slow: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=8 -m slow tests
 
