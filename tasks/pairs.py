@@ -6,9 +6,9 @@
   `max_pairs_per_prompt` per prompt);
 - `one_attribute`: pairs that differ in exactly one of the judge's attributes (one per attribute and prompt).
 Pairs closer than `min_gap` (ties), degenerate ones (an empty response, or chosen and rejected the same
-text), and, when set, pairs whose lengths differ by more than `max_length_difference` tokens or whose
-texts are more alike than `max_similarity` are dropped, and each prompt left without a pair is counted
-by the reason. The result goes through the same validation as every
+text), and, when set, pairs whose chosen scores below `min_chosen_score`, whose lengths differ by more than
+`max_length_difference` tokens or whose texts are more alike than `max_similarity` are dropped, and each
+prompt left without a pair is counted by the reason. The result goes through the same validation as every
 pairs file (file:line reasons, `data.on_bad_lines`, dedup) and its report carries the pair
 statistics: count, mean score gap, and the lengths of chosen and rejected responses, since
 length drift is the known failure of iterative DPO.
@@ -30,9 +30,10 @@ from tasks.lib.schema import PairParams, Params
 from tasks.lib.stage import stage_main
 from tasks.lib.stats import length_summary
 
-DROP_REASONS = ("tie", "degenerate", "length", "similar", "attribute")
-"""Why a prompt gave no pair: responses within `min_gap`; empty or identical responses; none within
-`max_length_difference`; all above `max_similarity`; none differing in exactly one attribute."""
+DROP_REASONS = ("tie", "degenerate", "weak_chosen", "length", "similar", "attribute")
+"""Why a prompt gave no pair: responses within `min_gap`; empty or identical responses; no chosen scoring
+`min_chosen_score`; none within `max_length_difference`; all above `max_similarity`; none differing in exactly
+one attribute."""
 
 
 def similarity(first: str, second: str) -> float:
@@ -59,6 +60,8 @@ def prompt_pairs(row: dict, settings: PairParams) -> tuple[list[tuple[int, int]]
     checks = [
         ("tie", None),
         ("degenerate", lambda c, r: texts[c] != texts[r]),
+        ("weak_chosen", None if settings.min_chosen_score is None else
+            lambda c, r: scores[c] >= settings.min_chosen_score),
         ("length", None if settings.max_length_difference is None else
             lambda c, r: abs(row["tokens"][c] - row["tokens"][r]) <= settings.max_length_difference),
         ("similar", None if settings.max_similarity is None else
@@ -99,6 +102,7 @@ def judged_pairs(scored: list[dict], settings: PairParams) -> tuple[list[dict], 
         "prompts": len(scored),
         "ties_dropped": dropped["tie"],
         "degenerate_dropped": dropped["degenerate"],
+        "weak_chosen_dropped": dropped["weak_chosen"],
         "length_mismatch_dropped": dropped["length"],
         "near_identical_dropped": dropped["similar"],
         "no_single_attribute_dropped": dropped["attribute"],
@@ -155,6 +159,7 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
                 f"no preference pairs: {onpolicy_stats['ties_dropped']} of {onpolicy_stats['prompts']} "
                 f"prompts' responses tied within onpolicy.pairs.min_gap={params.onpolicy.pairs.min_gap}, "
                 f"{onpolicy_stats['degenerate_dropped']} were degenerate, "
+                f"{onpolicy_stats['weak_chosen_dropped']} had no response scoring onpolicy.pairs.min_chosen_score, "
                 f"{onpolicy_stats['length_mismatch_dropped']} length-mismatched, "
                 f"{onpolicy_stats['near_identical_dropped']} near-identical, "
                 f"{onpolicy_stats['no_single_attribute_dropped']} had no single-attribute pair, "

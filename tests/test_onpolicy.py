@@ -85,7 +85,7 @@ def test_best_worst_pairs_pick_the_extremes_and_drop_ties_and_degenerate_prompts
         }
     ]
     assert stats == {
-        "prompts": 2, "ties_dropped": 1, "degenerate_dropped": 0, "length_mismatch_dropped": 0,
+        "prompts": 2, "ties_dropped": 1, "degenerate_dropped": 0, "weak_chosen_dropped": 0, "length_mismatch_dropped": 0,
         "near_identical_dropped": 0, "no_single_attribute_dropped": 0, "mean_score_gap": 1.5,
     }  # fmt: skip
 
@@ -105,6 +105,19 @@ def test_length_matched_pairs_differ_by_at_most_k_tokens_taking_the_widest_gap_w
     margin, _ = prompt_pairs(row, PairParams(strategy="margin", max_length_difference=4, min_gap=0.5))
     assert all(abs(row["tokens"][c] - row["tokens"][r]) <= 4 for c, r in margin) and margin == [(1, 2), (1, 3)]
     assert prompt_pairs(row, PairParams(max_length_difference=0)) == ([], "length")
+
+
+def test_min_chosen_score_keeps_only_pairs_whose_chosen_answer_is_correct():
+    # The rule judge: correct 1.0 + polite 0.5. No correct sample: best_worst would teach the polite wrong answer.
+    all_wrong = scored_row([0.5, 0.0, 0.5], ["The answer is 8. Happy to help!", "The answer is 9.", "x"])
+    assert prompt_pairs(all_wrong, PairParams())[0] == [(0, 1)]
+    assert prompt_pairs(all_wrong, PairParams(min_chosen_score=1.0)) == ([], "weak_chosen")
+    one_right = scored_row([0.5, 1.0, 0.0], ["The answer is 8. Happy to help!", "The answer is 7.", "x"])
+    assert prompt_pairs(one_right, PairParams(min_chosen_score=1.0))[0] == [(1, 2)]
+    margin = PairParams(strategy="margin", min_chosen_score=1.0, min_gap=0.5)
+    assert prompt_pairs(one_right, margin)[0] == [(1, 2), (1, 0)]
+    _, stats = judged_pairs([all_wrong, one_right], PairParams(min_chosen_score=1.0))
+    assert stats["weak_chosen_dropped"] == 1
 
 
 def test_near_identical_pairs_are_dropped_above_max_similarity():

@@ -459,6 +459,11 @@ class PairParams(Section):
     max_pairs_per_prompt: PositiveInt = 4
     """With `strategy: margin` or `one_attribute`, the largest number of pairs kept per prompt (widest gaps
     first)."""
+    min_chosen_score: float | None = None
+    """Keep only pairs whose chosen response scores at least this (None: any). With the rule judge, 1.0 keeps only
+    pairs whose chosen answer is correct, as Iterative RPO builds its pairs (arXiv 2404.19733: winners with the
+    right final answer, losers with a wrong one): a prompt where no sample is correct then gives no pair instead of
+    teaching its least wrong answer."""
     max_length_difference: int | None = Field(None, ge=0)
     """Length-matched pairs: chosen and rejected may differ by at most this many tokens (None: any), so a pair cannot
     teach length instead of quality; the widest-gap pair within it is taken."""
