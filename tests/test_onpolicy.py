@@ -85,8 +85,9 @@ def test_best_worst_pairs_pick_the_extremes_and_drop_ties_and_degenerate_prompts
         }
     ]
     assert stats == {
-        "prompts": 2, "ties_dropped": 1, "degenerate_dropped": 0, "weak_chosen_dropped": 0, "length_mismatch_dropped": 0,
-        "near_identical_dropped": 0, "no_single_attribute_dropped": 0, "mean_score_gap": 1.5,
+        "prompts": 2, "ties_dropped": 1, "degenerate_dropped": 0, "weak_chosen_dropped": 0,
+        "length_mismatch_dropped": 0, "near_identical_dropped": 0, "no_single_attribute_dropped": 0,
+        "mean_score_gap": 1.5,
     }  # fmt: skip
 
 
