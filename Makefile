@@ -131,7 +131,7 @@ bench-generation: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python benchmarks/generation.py --policy models/policies/sft $(ARGS)
 
 # On a machine with an NVIDIA GPU (never needed by the tests): the stages at a Qwen3-0.6B shape in bf16 + sdpa, LoRA
-# and 4-bit QLoRA DPO, and sampling; tokens/s, MFU and peak memory per stage. README: "Measured on a GPU".
+# and 4-bit QLoRA DPO, and sampling; tokens/s, MFU and peak memory per stage. docs/gpu.md: "Measured on a GPU".
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/gpu.py --tokenizer $${SFT_DPO_REAL_ARTIFACTS:-../shared/real}/tokenizers/qwen3 --out .bench-gpu
 

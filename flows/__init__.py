@@ -1,1 +1,1 @@
-"""Prefect orchestration of the DVC pipeline (flow and deployment `sft-dpo`): see README."""
+"""Prefect orchestration of the DVC pipeline (flow and deployment `sft-dpo`): see docs/prefect.md."""

@@ -1,7 +1,7 @@
 """Code the stages share. Nothing here is a stage: each stage is one module of `tasks/`.
 
 - `schema`: the typed params.yaml schema; `params`: loading and validating it; `params_cli`: validating a file from
-  the command line and printing README's params reference.
+  the command line and printing the params reference (docs/params.md).
 - `stage`: every stage's command-line tail (params, `--round`, exit status 2 on bad input); `errors`: bad-input kinds.
 - `files`: atomic outputs, JSON and JSON-lines files; `hashing`: content digests of files and folders.
 - `records`: validating data files (file:line reasons); `formats`: ShareGPT/HH/Alpaca rows to TRL's; `chat`:

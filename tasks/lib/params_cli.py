@@ -1,4 +1,4 @@
-"""params.yaml from the command line: validate a file, or print README's params reference generated from the schema.
+"""params.yaml from the command line: validate a file, or print the params reference (docs/params.md) from the schema.
 
 python -m tasks.lib.params_cli --params params.yaml     # validate
 python -m tasks.lib.params_cli --markdown               # the reference table (`make params-reference`)
@@ -47,7 +47,7 @@ def _field_rows(model: type[BaseModel], prefix: str) -> list[str]:
 
 
 def params_reference_markdown() -> str:
-    """The params reference table for README.md, generated from the schema."""
+    """The params reference table for docs/params.md, generated from the schema."""
     header = ["| key | default | meaning |", "| --- | --- | --- |"]
     return "\n".join(header + _field_rows(Params, "")) + "\n"
 

@@ -1,7 +1,7 @@
 """The typed schema of params.yaml: every setting of every stage, with its documentation.
 
-Each field's docstring is its documentation: `tasks.lib.params_cli` renders README's params
-reference from it (a test keeps the two in sync); `tasks.lib.params` loads and validates a file
+Each field's docstring is its documentation: `tasks.lib.params_cli` renders the params
+reference in docs/params.md from it (a test keeps the two in sync); `tasks.lib.params` loads and validates a file
 against it.
 """
 
