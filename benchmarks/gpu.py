@@ -232,7 +232,7 @@ def main() -> None:
     ])  # fmt: skip
     stage("reference_logps", round_reference_logps, [
         *p, "--round", "r1", "--sft-policy", str(d / "policy_sft"), "--previous-policy", str(d / "policy_sft"),
-        "--pairs", str(pairs_file), "--eval-pairs", str(d / "eval_pairs.jsonl"), "--out", str(d / "reference_logps"),
+        "--pairs", str(pairs_file), "--out", str(d / "reference_logps"),
     ])  # fmt: skip
     stage("dpo r1 (LoRA)", train_round, dpo_arguments(params_path, "dpo"), dpo_tokens)
     quantized = yaml.safe_load(params_path.read_text())

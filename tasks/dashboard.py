@@ -258,7 +258,7 @@ class RunView:
     rounds: list[str]
     evals: dict[str, dict | None]
     candidates: dict[str, dict | None]
-    dpo_metrics: dict[str, dict | None]
+    guard_metrics: dict[str, dict | None]
 
     @property
     def models(self) -> list[str]:
@@ -329,7 +329,7 @@ def gate_table(view: RunView) -> dict:
             if "chosen_nll" in start and "chosen_nll" in candidate
             else "-"
         )
-        guard = (view.dpo_metrics.get(name) or {}).get("quality", "-")
+        guard = (view.guard_metrics.get(name) or {}).get("quality", "-")
         verdict = "promoted" if decision.get("promoted") else f"refused (kept {decision.get('source')})"
         rows.append([name, verdict, drop, rise, guard, "; ".join(decision.get("reasons") or []) or "-"])
     limits = [f"task accuracy may fall by at most {gate.max_task_accuracy_drop}"]
@@ -897,7 +897,7 @@ def render_dashboard(
         rounds=names,
         evals={name: files.json(evals / f"{name}.json") for name in [SFT_POLICY, *names, "merged"]},
         candidates={name: files.json(evals / f"candidate_{name}.json") for name in names},
-        dpo_metrics={name: files.json(metrics / f"dpo_{name}.json") for name in names},
+        guard_metrics={name: files.json(metrics / f"guard_{name}.json") for name in names},
     )
     panels = [
         eval_table_panel(view, files),

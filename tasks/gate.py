@@ -1,7 +1,7 @@
 """Stage `gate@<round>`: promote the round's trained policy, or keep the policy it started from.
 
 The candidate (the round's `dpo` output) is compared with the policy the round started from on the
-guard metrics, within the tolerances of `dpo.gate`: task accuracy may not fall by more than
+eval metrics, within the tolerances of `dpo.gate`: task accuracy may not fall by more than
 `max_task_accuracy_drop`, the held-out preferred completions' per-token NLL (`chosen_nll`, the forgetting
 measure) may not rise by more than `max_chosen_nll_rise` (relative; likewise held-out perplexity with
 `max_perplexity_rise`, when set), and the collapse guard must have passed (`require_guard_ok`). The round's policy
@@ -67,7 +67,7 @@ def gate_round(
     round_name: str,
     candidate: Path,
     candidate_eval: Path,
-    round_metrics: Path,
+    guard: Path,
     baseline: Path,
     baseline_eval: Path,
     candidate_answers: Path,
@@ -83,7 +83,7 @@ def gate_round(
         round_name: the round, a key of `dpo.rounds`
         candidate: the round's trained policy
         candidate_eval: its evaluation
-        round_metrics: the dpo stage's metrics (collapse guard)
+        guard: the collapse guard's verdict (from guard@<round>)
         baseline: the policy the round started from
         baseline_eval: its evaluation
         candidate_answers: the candidate's judged greedy answers (from its eval stage)
@@ -94,7 +94,7 @@ def gate_round(
     """
     candidate_scores = policy_metrics(read_json(candidate_eval))
     baseline_scores = policy_metrics(read_json(baseline_eval))
-    reasons = refusals(params.dpo.gate, candidate_scores, baseline_scores, read_json(round_metrics))
+    reasons = refusals(params.dpo.gate, candidate_scores, baseline_scores, read_json(guard))
     promoted = not reasons
     source = round_name if promoted else trained_round(baseline)
     with atomic_path(out) as scratch:

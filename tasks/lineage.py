@@ -84,9 +84,8 @@ def round_lineage(name: str, files: dict[str, Path], reports: dict[str, Path]) -
                 "steps",
                 "train_loss_first",
                 "train_loss_last",
-                "eval_reward_accuracy",
-                "quality",
             ),
+            **pick(report["guard"], "eval_reward_accuracy", "chosen_logp_drift", "quality"),
         },
         "eval": report["gate"]["candidate"],
         "gate": {
@@ -114,6 +113,7 @@ def write_lineage(
     judge_report: Path,
     pairs_report: Path,
     dpo_report: Path,
+    guard_report: Path,
     gate_report: Path,
     out: Path,
 ) -> dict:
@@ -135,13 +135,14 @@ def write_lineage(
         judge_report: the judge stage's metrics
         pairs_report: the pairs stage's report
         dpo_report: the dpo stage's metrics
+        guard_report: the collapse guard's verdict
         gate_report: the gate's decision (the round's eval file)
         out: the lineage record (JSON)
     """
     files = {"prompts": prompts, "incoming": incoming, "generations": generations, "scored": scored, "pairs": pairs,
              "reference_logps": reference_logps, "candidate": candidate, "policy": policy}  # fmt: skip
     reports = {"prompts": prompts_report, "generate": generate_report, "judge": judge_report,
-               "pairs": pairs_report, "dpo": dpo_report, "gate": gate_report}  # fmt: skip
+               "pairs": pairs_report, "dpo": dpo_report, "guard": guard_report, "gate": gate_report}  # fmt: skip
     record = round_lineage(round_name, files, reports)
     write_json(out, record)
     print(f"lineage@{round_name}: {record['pairs']['pairs']} pairs, promoted {record['gate']['promoted']} -> {out}")

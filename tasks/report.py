@@ -41,7 +41,7 @@ def round_notes(params: Params, evals: Path, metrics: Path) -> dict[str, str]:
     """Per round: the gate's decision and the collapse guard's verdict."""
     notes = {}
     for name in params.dpo.rounds:
-        gate, guard = evals / f"{name}.json", metrics / f"dpo_{name}.json"
+        gate, guard = evals / f"{name}.json", metrics / f"guard_{name}.json"
         if gate.exists():
             decision = read_json(gate)
             notes[name] = "promoted" if decision.get("promoted") else f"kept {decision.get('source')}"
@@ -94,7 +94,8 @@ def write_report(params: Params, evals: Path, metrics: Path, out: Path, plot: Pa
     failed = [name for name, note in notes.items() if "FAILED-QUALITY" in note]
     if failed:
         print(
-            f"\nWARNING: the collapse guard marked {', '.join(failed)} as failed-quality; see metrics/dpo_<round>.json"
+            f"\nWARNING: the collapse guard marked {', '.join(failed)} as failed-quality; "
+            "see metrics/guard_<round>.json"
         )
     refused = [name for name, note in notes.items() if note.startswith("kept")]
     if refused:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from chaos import run_trials, summary_rows  # noqa: E402
 
 pytestmark = pytest.mark.slow
-STAGES = ["prepare", "sft", "generate@r1", "reference_logps@r1", "dpo@r1", "eval@r1", "merge", "report"]
+STAGES = ["prepare", "sft", "generate@r1", "reference_logps@r1", "dpo@r1", "guard@r1", "eval@r1", "merge", "report"]
 
 
 def test_killed_stages_resume_to_the_uninterrupted_outputs_and_none_is_ever_half_written(harness, project_copy):

@@ -67,7 +67,7 @@ def test_rerunning_every_stage_kind_writes_byte_identical_outputs(project_copy, 
     monkeypatch.setitem(sys.modules, "bitsandbytes", sys.modules.get("bitsandbytes"))  # restored afterwards
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", os.environ.get("TENSORBOARD_LOGGING_DIR", ""))
     stages = one_stage_of_each_kind(project_copy)
-    assert len(stages) == 17, sorted(stages)  # check_params, base, prepare, prompts, sft, reference, ... dashboard
+    assert len(stages) == 18, sorted(stages)  # check_params, base, prepare, prompts, sft, reference, ... dashboard
     for command in stages.values():
         run_in_process(project_copy, command, monkeypatch)
     assert changed_outputs(project_copy) == {}, "a re-run stage wrote different bytes"

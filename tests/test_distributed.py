@@ -54,9 +54,8 @@ def inputs(pipeline, tmp_path_factory) -> Path:
         lines = (pipeline / f"data/prepared/{name}.jsonl").read_text().splitlines(keepends=True)[:ROWS]
         (folder / f"{name}.jsonl").write_text("".join(lines))
     (folder / "reference_logps").mkdir()
-    for split in ("train", "eval"):
-        lines = (pipeline / f"models/reference_logps/r1/{split}.jsonl").read_text().splitlines(keepends=True)[:ROWS]
-        (folder / "reference_logps" / f"{split}.jsonl").write_text("".join(lines))
+    lines = (pipeline / "models/reference_logps/r1/train.jsonl").read_text().splitlines(keepends=True)[:ROWS]
+    (folder / "reference_logps" / "train.jsonl").write_text("".join(lines))
     return folder
 
 
@@ -168,13 +167,11 @@ def test_reference_logps_on_three_processes_are_the_ones_one_process_wrote(pipel
         "--round", "r1", "--sft-policy", str(pipeline / "models/policies/sft"),
         "--previous-policy", str(pipeline / "models/policies/sft"),
         "--pairs", str(pipeline / "data/prepared/pairs/r1.jsonl"),
-        "--eval-pairs", str(pipeline / "data/prepared/eval_pairs.jsonl"),
         "--out", str(tmp_path / "reference_logps"),
     ).stdout  # fmt: skip
     assert "--nproc_per_node=3" in log
-    for split in ("train.jsonl", "eval.jsonl"):
-        written = (tmp_path / "reference_logps" / split).read_bytes()
-        assert written == (pipeline / "models/reference_logps/r1" / split).read_bytes(), split
+    written = (tmp_path / "reference_logps" / "train.jsonl").read_bytes()
+    assert written == (pipeline / "models/reference_logps/r1/train.jsonl").read_bytes()
 
 
 @THREE_PROCESSES

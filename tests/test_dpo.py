@@ -1,4 +1,5 @@
-"""tasks/dpo.py on its own: Chinese conversational pairs through prepare -> reference log-probs -> DPO; the guard."""
+"""tasks/dpo.py on its own: Chinese conversational pairs through prepare -> reference log-probs -> DPO -> guard;
+reference-free rounds; early stopping on a validation slice of the round's own pairs."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from tasks.base import build_base
-from tasks.dpo import distinct_trigram_ratio, guard_verdict, round_training, train_round
+from tasks.dpo import round_training, train_round
+from tasks.guard import guard_round
+from tasks.lib.errors import DataError
 from tasks.lib.params import load_params
-from tasks.lib.schema import GuardParams
+from tasks.lib.schema import EarlyStoppingParams
 from tasks.pairs import build_pairs
-from tasks.reference_logps import compute_reference_logps
+from tasks.reference_logps import compute_reference_logps, round_reference_logps, validation_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +52,8 @@ def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
     string_pairs = tmp_path / "eval_pairs.jsonl"
     string_rows = [{"prompt": f"{i} 加 {i}？", "chosen": f" {2 * i}", "rejected": f" {i}"} for i in range(1, 5)]
     string_pairs.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in string_rows), "utf-8")
-    compute_reference_logps(params, base, prepared, string_pairs, tmp_path / "reflogps")
+    compute_reference_logps(params, base, {"train": prepared}, tmp_path / "reflogps")
+    assert sorted(path.name for path in (tmp_path / "reflogps").iterdir()) == ["train.jsonl"]
     stored = [
         json.loads(line) for line in (tmp_path / "reflogps" / "train.jsonl").read_text(encoding="utf-8").splitlines()
     ]
@@ -68,25 +72,16 @@ def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
     assert summary["steps"] == 3 and summary["train_loss_first"] > 0 and summary["train_loss_last"] > 0
     assert (tmp_path / "policy" / "model.safetensors").exists() and (tmp_path / "policy" / "adapter").is_dir()
     assert json.loads((tmp_path / "metrics.json").read_text())["round"] == "r1"
-
-
-def test_guard_fires_on_chosen_logp_collapse_and_degenerate_generations():
-    guard = GuardParams(max_chosen_logp_drop=10.0, min_sanity_pass_rate=0.75)
-    assert guard_verdict(guard, drift=-2.0, pass_rate=1.0) == []
-    reasons = guard_verdict(guard, drift=-129.5, pass_rate=0.25)
-    assert len(reasons) == 2 and "129.50 nats" in reasons[0] and "25%" in reasons[1]
-
-
-def test_distinct_trigram_ratio_spots_repetition():
-    assert distinct_trigram_ratio([1, 2, 3, 4, 5]) == 1.0
-    assert distinct_trigram_ratio([7, 7, 7, 7, 7, 7, 7, 7]) == pytest.approx(1 / 6)
+    # The guard scores string-format held-out pairs beside the conversational pairs the round trained on.
+    guard = guard_round(params, "r1", tmp_path / "policy", base, base, string_pairs, tmp_path / "guard.json")
+    assert guard["quality"] in ("ok", "failed-quality") and len(guard["sanity_examples"]) == 2
+    assert guard["reference_eval_reward_accuracy"] is not None and guard["chosen_logp_drift"] != 0
 
 
 @pytest.mark.parametrize("objective", ["orpo", "simpo"])
 def test_reference_free_rounds_train_on_dpo_tokens_without_reference_logps(objective, tmp_path):
     """An ORPO or SimPO round: its reference_logps folder holds the pairs only (no reference is loaded), TRL's
-    trainer for the objective runs on DPO's tokens, and the held-out reward margin it reports grows."""
-    from tasks.reference_logps import round_reference_logps
+    trainer for the objective runs on DPO's tokens, and the held-out reward margin its guard reports grows."""
 
     rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no no no"} for i in range(16)]
     raw = tmp_path / "pairs.jsonl"
@@ -104,7 +99,7 @@ def test_reference_free_rounds_train_on_dpo_tokens_without_reference_logps(objec
     base = tmp_path / "base"
     build_base(params, ROOT / "data/builtin/sft.jsonl", base)
     # The reference candidates do not exist: a reference-free round must not load one.
-    round_reference_logps(params, "r1", tmp_path / "no-sft", tmp_path / "no-previous", raw, raw, tmp_path / "ref")
+    round_reference_logps(params, "r1", tmp_path / "no-sft", tmp_path / "no-previous", raw, tmp_path / "ref")
     stored = [json.loads(line) for line in (tmp_path / "ref" / "train.jsonl").read_text().splitlines()]
     assert stored[0] == rows[0]
     summary = train_round(
@@ -113,39 +108,61 @@ def test_reference_free_rounds_train_on_dpo_tokens_without_reference_logps(objec
     )  # fmt: skip
     assert summary["objective"] == objective and summary["steps"] == 12
     assert summary["reference"] is None, "a reference-free round recorded a reference it never used"
-    assert summary["reference_eval_reward_accuracy"] is None
-    assert summary["eval_reward_accuracy"] == 1.0
-    assert summary["eval_reward_margin"] > summary["start_eval_reward_margin"] + 0.1
     assert summary["train_loss_last"] < summary["train_loss_first"]
+    guard = guard_round(params, "r1", tmp_path / "policy", tmp_path / "no-sft", base, raw, tmp_path / "guard.json")
+    assert guard["reference"] is None and guard["reference_eval_reward_accuracy"] is None
+    assert guard["eval_reward_accuracy"] == 1.0
+    assert guard["eval_reward_margin"] > guard["start_eval_reward_margin"] + 0.1
 
 
-def test_early_stopping_ends_a_round_whose_held_out_loss_stops_falling_and_keeps_the_best_step(tmp_path):
-    """Held-out pairs that prefer the opposite of the training pairs: every step on the training pairs raises the
-    held-out DPO loss, so with patience 1 the round stops at its second evaluation and keeps the first."""
-    from tasks.reference_logps import round_reference_logps
-
+def test_early_stopping_ends_a_round_whose_validation_loss_stops_falling_and_keeps_the_best_step(tmp_path):
+    """Validation pairs that prefer the opposite of the training pairs: every step on the training pairs raises the
+    validation DPO loss, so with patience 1 the round stops at its second evaluation and keeps the first."""
     train_rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no no no"} for i in range(16)]
-    heldout_rows = [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in train_rows[:8]]
-    pairs, heldout = tmp_path / "pairs.jsonl", tmp_path / "heldout.jsonl"
+    validation_rows = [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in train_rows[:8]]
+    pairs, validation = tmp_path / "pairs.jsonl", tmp_path / "validation.jsonl"
     pairs.write_text("".join(json.dumps(row) + "\n" for row in train_rows))
-    heldout.write_text("".join(json.dumps(row) + "\n" for row in heldout_rows))
+    validation.write_text("".join(json.dumps(row) + "\n" for row in validation_rows))
     overrides = {
         "dpo.train.max_steps": 20, "dpo.train.batch_size": 8, "dpo.train.learning_rate": 0.01,
-        "dpo.train.warmup_ratio": 0.0, "dpo.train.logging_steps": 1, "dpo.guard.sanity_prompts": 1,
+        "dpo.train.warmup_ratio": 0.0, "dpo.train.logging_steps": 1,
         "dpo.loss.types": ["sigmoid"],
         "dpo.early_stopping.patience": 1, "dpo.early_stopping.eval_steps": 2,
     }  # fmt: skip
     params = load_params(ROOT / "params.yaml", overrides)
     base = tmp_path / "base"
     build_base(params, ROOT / "data/builtin/sft.jsonl", base)
-    round_reference_logps(params, "r1", base, base, pairs, heldout, tmp_path / "ref")
+    compute_reference_logps(params, base, {"train": pairs, "validation": validation}, tmp_path / "ref")
     summary = train_round(
         params, "r1", base, tmp_path / "ref", tmp_path / "policy", tmp_path / "ckpt", None,
         tmp_path / "plots.json", tmp_path / "metrics.json",
     )  # fmt: skip
     assert summary["steps"] == 4, "early stopping did not stop the round at its second evaluation"
-    assert summary["best_step"] == 2
+    assert summary["best_step"] == 2 and summary["validation_pairs"] == 8
     assert summary["train_loss_last"] < summary["train_loss_first"], "the round did not train"
+
+
+def test_early_stopping_sets_aside_a_seeded_slice_of_the_rounds_own_pairs(tmp_path):
+    rows = [{"prompt": f"Q{i}", "chosen": " yes", "rejected": " no"} for i in range(40)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert validation_split(pairs, EarlyStoppingParams(), 0, tmp_path) == {"train": pairs}  # off: all pairs train
+    settings = EarlyStoppingParams(patience=2, validation_fraction=0.1)
+
+    def split_prompts(seed: int) -> dict[str, list[str]]:
+        scratch = tmp_path / f"seed{seed}-{len(list(tmp_path.iterdir()))}"
+        scratch.mkdir()
+        files = validation_split(pairs, settings, seed, scratch)
+        return {name: [json.loads(line)["prompt"] for line in path.read_text().splitlines()] for name, path in
+                files.items()}  # fmt: skip
+
+    first = split_prompts(0)
+    assert len(first["validation"]) == 4 and len(first["train"]) == 36
+    assert not set(first["validation"]) & set(first["train"])
+    assert split_prompts(0) == first, "the same seed set aside other pairs"
+    assert split_prompts(1)["validation"] != first["validation"]
+    with pytest.raises(DataError, match="validation_fraction"):
+        validation_split(pairs, settings.model_copy(update={"validation_fraction": 0.99}), 0, tmp_path)
 
 
 def test_a_round_may_set_its_own_learning_rate_and_epochs():
@@ -157,23 +174,3 @@ def test_a_round_may_set_its_own_learning_rate_and_epochs():
     assert first == params.dpo.train
     assert second.learning_rate == 1e-5 and second.epochs == params.dpo.train.epochs
     assert third.epochs == 3 and third.learning_rate == params.dpo.train.learning_rate
-
-
-def test_the_sft_term_keeps_chosen_log_probs_above_the_plain_losses_on_the_same_pairs(pipeline, tmp_path):
-    """Round 1's stored pairs of the micro pipeline, the same steps with and without TRL's `sft` loss term: the
-    chosen answers' held-out log-probs fall less (likelihood displacement, which the term exists to stop)."""
-    drift = {}
-    for name, types in (("plain", ["sigmoid"]), ("sft", ["sigmoid", "sft"])):
-        params = load_params(
-            pipeline / "params.yaml",
-            {"dpo.loss.types": types, "dpo.train.learning_rate": 2e-3, "dpo.train.max_steps": 12,
-             "dpo.guard.sanity_prompts": 1, "tracking.report_to": []},
-        )  # fmt: skip
-        summary = train_round(
-            params, "r1", pipeline / "models/policies/sft", pipeline / "models/reference_logps/r1",
-            tmp_path / f"{name}_policy", tmp_path / f"{name}_ckpt", None, tmp_path / f"{name}_plots.json",
-            tmp_path / f"{name}_metrics.json",
-        )  # fmt: skip
-        drift[name] = summary["chosen_logp_drift"]
-    assert drift["plain"] < 0, "plain DPO did not displace the chosen answers here: the test proves nothing"
-    assert drift["sft"] > drift["plain"] + 0.5, drift

@@ -111,5 +111,5 @@ def test_changed_params_and_guard_warnings():
     before = {"dpo": {"loss": {"beta": 0.1}, "rounds": {"r1": {"pairs": "a"}}}}
     after = {"dpo": {"loss": {"beta": 0.2}, "rounds": {"r1": {"pairs": "a"}, "r2": {"pairs": "b"}}}}
     assert changed_params(before, after) == {"dpo.loss.beta": (0.1, 0.2), "dpo.rounds.r2": (None, {"pairs": "b"})}
-    metrics = {"metrics/dpo_r1.json": {"guard_reasons": ["chosen log-prob fell"]}, "metrics/sft.json": {}}
-    assert guard_warnings(metrics) == ["metrics/dpo_r1.json: chosen log-prob fell"]
+    metrics = {"metrics/guard_r1.json": {"guard_reasons": ["chosen log-prob fell"]}, "metrics/sft.json": {}}
+    assert guard_warnings(metrics) == ["metrics/guard_r1.json: chosen log-prob fell"]

@@ -34,7 +34,7 @@ from tasks.prompts import round_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "What is 3 plus 4?"}]
-ROUND_STAGES = ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval", "gate", "lineage")
+ROUND_STAGES = ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "guard", "eval", "gate", "lineage")
 
 
 def test_round_slices_do_not_reuse_prompts_until_the_pool_runs_out():

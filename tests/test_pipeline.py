@@ -23,7 +23,18 @@ def test_every_stage_ran(pipeline_log):
     rounds = {
         f"{stage}@{name}"
         for name in ("r1", "r2")
-        for stage in ("prompts", "generate", "judge", "pairs", "reference_logps", "dpo", "eval", "gate", "lineage")
+        for stage in (
+            "prompts",
+            "generate",
+            "judge",
+            "pairs",
+            "reference_logps",
+            "dpo",
+            "guard",
+            "eval",
+            "gate",
+            "lineage",
+        )
     }
     assert {
         "check_params",
@@ -60,7 +71,7 @@ def test_onpolicy_dpo_raises_heldout_preference_accuracy_without_collapse(pipeli
     candidate = read_json(pipeline / "metrics" / "eval" / "candidate_r1.json")
     assert candidate["preference_accuracy"] > scores["sft"]["preference_accuracy"] + 0.05
     for name in ("r1", "r2"):
-        assert read_json(pipeline / "metrics" / f"dpo_{name}.json")["quality"] == "ok"
+        assert read_json(pipeline / "metrics" / f"guard_{name}.json")["quality"] == "ok"
 
 
 def test_eval_stages_report_win_rates_and_kl_recomputable_from_the_answers_they_keep(pipeline):
@@ -216,7 +227,7 @@ def test_dpo_change_reruns_only_dpo_onwards(regressed):
     """beta and training settings change round 1's policy, so round 2 samples afresh from it; round 1's data is kept."""
     _, log = regressed
     ran = stages_run(log)
-    assert {"dpo@r1", "eval@r1", "gate@r1", "dpo@r2", "eval@r2", "merge", "eval_merged", "report"} <= ran
+    assert {"dpo@r1", "guard@r1", "eval@r1", "gate@r1", "dpo@r2", "eval@r2", "merge", "eval_merged", "report"} <= ran
     assert not ran & {
         "base", "prepare", "sft", "reference", "eval_sft", "prompts@r1", "generate@r1", "judge@r1", "pairs@r1",
         "reference_logps@r1", "prompts@r2",
@@ -251,15 +262,16 @@ def stale_stages(project) -> set[str]:
     return set(json.loads(dvc(project, "status", "--json").stdout or "{}"))
 
 
-def test_new_eval_pairs_leave_sft_current(project_copy):
-    """SFT depends on the SFT splits prepare writes, not on the folder that also holds the held-out pairs."""
+def test_new_eval_pairs_re_run_only_the_guard_and_evaluation(project_copy):
+    """SFT depends on the SFT splits prepare writes, not on the folder that also holds the held-out pairs; no DPO
+    stage reads the held-out pairs (the guard scores them after training), so no round retrains."""
     pairs = (project_copy / "data/builtin/eval_pairs.jsonl").read_text().splitlines(keepends=True)
     (project_copy / "data/eval_pairs_v2.jsonl").write_text("".join(pairs[:-1]))
     edit_params(project_copy, lambda params: params["data"].update(eval_pairs="data/eval_pairs_v2.jsonl"))
     assert stages_run(dvc(project_copy, "repro", "prepare").stdout) == {"check_params", "prepare"}
     stale = stale_stages(project_copy)
-    assert {"eval_sft", "reference_logps@r1", "eval@r1"} <= stale
-    assert not stale & {"base", "sft", "reference", "generate@r1", "pairs@r1"}
+    assert {"eval_sft", "guard@r1", "eval@r1"} <= stale
+    assert not stale & {"base", "sft", "reference", "generate@r1", "pairs@r1", "reference_logps@r1", "dpo@r1"}
 
 
 def test_a_round_written_without_reference_parses_and_uses_the_sft_snapshot(project_copy):

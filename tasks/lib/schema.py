@@ -261,14 +261,17 @@ class SequenceParams(Section):
 
 class EarlyStoppingParams(Section):
     patience: PositiveInt | None = None
-    """Stop a DPO round (`objective: dpo`) once its held-out `metric` has not improved for this many evaluations,
+    """Stop a DPO round (`objective: dpo`) once its validation `metric` has not improved for this many evaluations,
     and keep the best checkpoint (transformers' `EarlyStoppingCallback` with `load_best_model_at_end`); None: train
     every step."""
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of each round's own pairs (a seeded sample) set aside, not trained on, as the set the round is stopped
+    on. Never the held-out eval pairs: stopping on them would select each round on the set its evaluation reports."""
     eval_steps: PositiveInt = 5
     """Evaluate (and checkpoint) the round every this many optimizer steps while early stopping is on."""
     metric: Literal["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"] = "eval_loss"
-    """Held-out metric the round is stopped on: the DPO loss (lower is better) or TRL's reward accuracy / margin
-    on the held-out pairs (higher is better)."""
+    """Validation metric the round is stopped on: the DPO loss (lower is better) or TRL's reward accuracy / margin
+    (higher is better)."""
 
 
 class GuardParams(Section):
@@ -340,9 +343,9 @@ class DPOParams(Section):
     train: TrainingParams = TrainingParams(learning_rate=2e-4, epochs=2, batch_size=8)
     """Optimisation settings of each round."""
     early_stopping: EarlyStoppingParams = EarlyStoppingParams()
-    """Early stopping of each DPO round on a held-out metric (off by default)."""
+    """Early stopping of each DPO round on a validation slice of its own pairs (off by default)."""
     guard: GuardParams = GuardParams()
-    """Collapse guard run after each round."""
+    """Collapse guard run after each round by its own stage, `guard@<round>`, on the held-out pairs."""
     gate: GateParams = GateParams()
     """Promotion gate after each round's eval: a refused round's policy is not used by the next round or by `merge`."""
     rounds: dict[str, RoundParams] = Field(min_length=1)

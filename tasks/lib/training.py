@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 
 from tasks.lib import distributed
 from tasks.lib.errors import SettingError
-from tasks.lib.files import atomic_path, read_json
-from tasks.lib.policies import has_cuda
+from tasks.lib.files import atomic_path, load_splits, read_json
+from tasks.lib.policies import has_cuda, load_model, load_tokenizer
 from tasks.lib.schema import LoraParams, Params, TrackingParams, TrainingParams
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -156,6 +157,61 @@ def dpo_sequence_config(params: Params, checkpoint_dir: Path, **extra):
     return DPOConfig(**{**settings, **extra})
 
 
+def stored_reference_trainer_class():
+    """DPOTrainer that takes reference log-probs from the dataset instead of recomputing them.
+
+    TRL's precompute mode already reads `ref_chosen_logps`/`ref_rejected_logps` from each batch;
+    only its up-front pass is replaced, by a check that the stored columns are there.
+    """
+
+    class StoredReferenceDPOTrainer(dpo_trainer_class()):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            missing = [column for column in REF_COLUMNS if column not in dataset.column_names]
+            if missing:
+                raise ValueError(f"{name} dataset lacks stored reference log-probs {missing}")
+            return dataset
+
+    return StoredReferenceDPOTrainer
+
+
+def dpo_loss_arguments(params: Params) -> dict:
+    """DPOConfig's loss settings from `dpo.loss` (training and the guard's held-out evaluation share them)."""
+    loss = params.dpo.loss
+    return {
+        "loss_type": list(loss.types),
+        "loss_weights": loss.weights,
+        "beta": loss.beta,
+        "label_smoothing": loss.label_smoothing,
+        "ld_alpha": loss.ld_alpha,
+    }
+
+
+def reference_logps_datasets(params: Params, reference: Path, splits: dict[str, Path]) -> dict:
+    """Each split's pairs with their log-probabilities under `reference` (TRL's precompute; `splits` has "train").
+
+    On several processes TRL shards the batches and gathers them in order, so every process returns all rows.
+    """
+    tokenizer = load_tokenizer(str(reference), params.model)
+    model = load_model(str(reference), params.model)
+    data = load_splits(splits)
+    others = {name: dataset for name, dataset in data.items() if name != "train"}
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        config = dpo_sequence_config(
+            params,
+            Path(scratch_dir),
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=params.reference.batch_size,
+        )
+        trainer = dpo_trainer_class()(
+            model=model,
+            args=config,
+            train_dataset=data["train"],
+            eval_dataset=others or None,
+            processing_class=tokenizer,
+        )
+    return {"train": trainer.train_dataset, **(trainer.eval_dataset or {})}
+
+
 def truncated(ids: list[int], mask: list[int], max_length: int, mode: str) -> tuple[list[int], list[int]]:
     """A sequence and its completion mask cut to `max_length` as TRL's DPO collator cuts them."""
     cut = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
@@ -236,6 +292,8 @@ def reference_free_trainer(objective: str, params: Params, training: dict[str, A
             return reference_free_row(self.processing_class, row, sequence.max_length, sequence.truncation_mode)
 
     for split in ("train_dataset", "eval_dataset"):
+        if trainer_arguments.get(split) is None:
+            continue
         trainer_arguments[split] = trainer_arguments[split].rename_columns(
             {column: HIDDEN_PREFIX + column for column in PAIR_COLUMNS}
         )
