@@ -881,7 +881,7 @@ def render_dashboard(
     Args:
         params: the pipeline's params
         evals: folder of per-model evaluations (metrics/eval)
-        metrics: folder of the stages' metrics (data.json, dpo_<round>.json)
+        metrics: folder of the stages' metrics (data.json, guard_<round>.json)
         round_metrics: folder of the rounds' metrics (metrics/rounds/<round>/*.json)
         plots: folder of training curves (sft.json, dpo/<round>.json)
         answers: folder of each model's judged greedy answers
