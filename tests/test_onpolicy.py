@@ -314,6 +314,7 @@ def test_round_killed_mid_generation_resumes_under_dvc_repro(project_copy, tmp_p
     assert (rounds / "generations.jsonl").read_text() == (tmp_path / "uninterrupted.jsonl").read_text()
 
 
+@pytest.mark.slow  # a whole on-policy round (47 s); make test covers the same append on shell-command DAGs
 def test_adding_round_three_reruns_only_round_three_and_what_follows(project_copy):
     """The round the `next-round` flow appends (flows.params_file.extended_rounds) runs its real on-policy chain."""
     rounds = extended_rounds(load_params(project_copy / "params.yaml"), 3)
