@@ -58,6 +58,8 @@ def set_beta(beta: float):
     return edit
 
 
+# Slow (24 s of flow runs): make test was over its 6 minutes; the real-pipeline test below covers the same path.
+@pytest.mark.slow
 def test_a_second_clone_reuses_what_the_first_pushed_and_runs_only_what_changed(harness, tmp_path):
     from flows.pipeline import sft_dpo
 
