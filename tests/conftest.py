@@ -121,6 +121,18 @@ def micro(params: dict) -> None:
         node[leaf] = value
 
 
+def write_noise_free_sft(path: Path) -> None:
+    """The built-in SFT data without its noisy sums (`data/generate.py --noisy-facts 0`): the data the micro
+    pipeline's thresholds were measured on (tests/micro.yaml says why)."""
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run(
+            [sys.executable, str(ROOT / "data" / "generate.py"), "--out", folder, "--noisy-facts", "0"],
+            check=True,
+            capture_output=True,
+        )
+        shutil.copy(Path(folder) / "sft.jsonl", path)
+
+
 def make_project(target: Path, edit: Callable[[dict], None] | None = micro) -> Path:
     """A git + DVC repository holding a copy of the project's pipeline, its params edited by `edit`."""
     for name in COPIED:
@@ -133,6 +145,7 @@ def make_project(target: Path, edit: Callable[[dict], None] | None = micro) -> P
     pool = (ROOT / "data/builtin/prompts.jsonl").read_text().splitlines(keepends=True)[:MICRO_POOL]
     (target / "data" / "micro").mkdir(parents=True)
     (target / "data" / "micro" / "prompts.jsonl").write_text("".join(pool))
+    write_noise_free_sft(target / "data" / "micro" / "sft.jsonl")
     if edit is not None:
         edit_params(target, edit)
     run(["git", "init", "-q"], target)
