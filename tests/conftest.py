@@ -9,6 +9,7 @@ only what the test's edit changes, and the tests pass in any order.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -121,16 +122,17 @@ def micro(params: dict) -> None:
         node[leaf] = value
 
 
-def write_noise_free_sft(path: Path) -> None:
+@functools.cache
+def noise_free_sft() -> bytes:
     """The built-in SFT data without its noisy sums (`data/generate.py --noisy-facts 0`): the data the micro
-    pipeline's thresholds were measured on (tests/micro.yaml says why)."""
+    pipeline's thresholds were measured on (tests/micro.yaml says why). Generated once per test process."""
     with tempfile.TemporaryDirectory() as folder:
         subprocess.run(
             [sys.executable, str(ROOT / "data" / "generate.py"), "--out", folder, "--noisy-facts", "0"],
             check=True,
             capture_output=True,
         )
-        shutil.copy(Path(folder) / "sft.jsonl", path)
+        return (Path(folder) / "sft.jsonl").read_bytes()
 
 
 def make_project(target: Path, edit: Callable[[dict], None] | None = micro) -> Path:
@@ -145,7 +147,7 @@ def make_project(target: Path, edit: Callable[[dict], None] | None = micro) -> P
     pool = (ROOT / "data/builtin/prompts.jsonl").read_text().splitlines(keepends=True)[:MICRO_POOL]
     (target / "data" / "micro").mkdir(parents=True)
     (target / "data" / "micro" / "prompts.jsonl").write_text("".join(pool))
-    write_noise_free_sft(target / "data" / "micro" / "sft.jsonl")
+    (target / "data" / "micro" / "sft.jsonl").write_bytes(noise_free_sft())
     if edit is not None:
         edit_params(target, edit)
     run(["git", "init", "-q"], target)
