@@ -14,7 +14,8 @@ per-seed values of every eval metric, and each seed's gate decisions, as a table
 
     {"tasks": {"<task>": {"models": ["sft", "r1", ...], "seeds": [...],
                           "metrics": {"<metric>": {"mean": [...], "sd": [...], "per_seed": [[...], ...]}},
-                          "promoted": [[true, ...], ...], "overrides": {...}, "variant": "default"}}}
+                          "promoted": [[true, ...], ...], "gate_reasons": [[[...], ...], ...],
+                          "overrides": {...}, "variant": "default"}}}
 
 `--variant NAME:key=value,key=value` (repeatable) also runs each variant's params over the same seeds in the same
 clone (its SFT restored), for the README's ablation table; variants land under `"ablations"`. Two pseudo-keys shape
@@ -122,13 +123,14 @@ def run_seed(project: Path, base_params: dict, rounds: int, seed: int, overrides
     evals = project / "metrics" / "eval"
     models = {"sft": json.loads((evals / "sft.json").read_text())}
     candidates = {"sft": models["sft"]}
-    promoted = []
+    promoted, reasons = [], []
     for name in params["dpo"]["rounds"]:
         gate = json.loads((evals / f"{name}.json").read_text())
         models[name] = {k: v for k, v in gate.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         candidates[name] = gate["candidate"]
         promoted.append(bool(gate["promoted"]))
-    return {"models": models, "candidates": candidates, "promoted": promoted, "seconds": seconds}
+        reasons.append(gate.get("reasons", []))
+    return {"models": models, "candidates": candidates, "promoted": promoted, "reasons": reasons, "seconds": seconds}
 
 
 def metric_summary(runs: list[dict], which: str) -> dict[str, dict]:
@@ -153,6 +155,8 @@ def summarise(runs: list[dict], seeds: list[int]) -> dict:
         # Each round's trained candidate, promoted or not (a refused round's policy above is its starting one).
         "candidate_metrics": metric_summary(runs, "candidates"),
         "promoted": [run["promoted"] for run in runs],
+        # Why each refused round was refused (the gate's reasons; empty lists for promoted rounds), per seed.
+        "gate_reasons": [run["reasons"] for run in runs],
         "seconds": [round(run["seconds"], 1) for run in runs],
     }
 
@@ -189,6 +193,10 @@ def run_task(task: str, args, variants: list[tuple[str, dict]], scratch: Path) -
         results[name] = {**summarise(runs, args.seeds), "variant": name, "overrides": overrides}
         print(f"\n{task}, {name} ({overrides or 'the committed params'}; {time.perf_counter() - started:.0f} s):")
         print(table(task, results[name]), flush=True)
+        for seed, rounds in zip(args.seeds, results[name]["gate_reasons"], strict=True):
+            for round_name, reasons in zip(results[name]["models"][1:], rounds, strict=True):
+                if reasons:
+                    print(f"  seed {seed} {round_name} refused: {'; '.join(reasons)}")
     return results
 
 
