@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tasks.lib.builtin_task import ANSWER, QUESTION
 
-QUESTION = re.compile(r"(\d+)\D+(\d+)")
-ANSWER = re.compile(r"The answer is (\d+)\.")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_generator():
