@@ -5,8 +5,9 @@ The committed pipeline (`dvc repro`) runs in a clean clone with `model.base` poi
 and no chat template, so every row is a plain string) and a `function` judge, `benchmarks/story_judge.py:graded`
 (cheerful words with diminishing returns, a gloomy word costs, a complete sentence adds, length past 12 words
 costs; `story_judge:score` is the older one-keyword judge). Its data are TinyStories-like
-openings made here (seeded): SFT continuations name one of seven moods, happy no more often than the others;
-rounds sample from the policy, judge, pair best against worst and train with DPO. Prints the judge's mean
+openings made here (seeded): SFT continuations pair one of nine actions with one of seven moods ("He smiled and was
+very sad."), so a cheerful action and a happy mood together are rare; rounds sample from the policy, judge, pair
+and train with DPO. Prints the judge's mean
 score of each model's greedy continuations of held-out openings, its win rate against SFT (95 % interval,
 length-controlled) and the per-token NLL of the held-out openings (plain story text: forgetting).
 
@@ -45,6 +46,14 @@ SFT_ROWS, HELDOUT, POOL = 300, 200, 600
 """Distinct openings (of 1,600 possible) for SFT, held-out pairs (one question = 0.005) and the prompt pool (three
 rounds of 160 fresh prompts each)."""
 MOODS = ("sad", "tired", "scared", "sleepy", "angry", "hungry")
+ACTIONS = (
+    "looked at it", "picked it up", "sat down", "ran home", "walked away", "went to bed", "smiled", "played with it",
+    "played with a friend",
+)  # fmt: skip
+CHEERFUL_ACTIONS = ACTIONS[-3:]
+"""SFT pairs any action with any mood, so its samples span the graded judge's ladder: a gloomy mood 0, happy 1.5,
+happy after one cheerful action word 2.0, after two (`played with a friend`) 2.25. Each rung is rarer in SFT's
+samples than the one below, which leaves every round something better to find."""
 
 
 def opening(rng: random.Random) -> str:
@@ -53,9 +62,15 @@ def opening(rng: random.Random) -> str:
 
 
 def continuation(rng: random.Random, happy: bool | None = None) -> str:
-    """A one-sentence continuation: happy, not happy, or (None) any of the moods, happy as likely as each other."""
-    moods = ("happy",) if happy else MOODS if happy is False else ("happy", *MOODS)
-    return f" {rng.choice(('She', 'He'))} was very {rng.choice(moods)}."
+    """One sentence, `<pronoun> <action> and was very <mood>.`: any action and mood (None, SFT), a cheerful action
+    and happy (True, held-out chosen) or another action and a gloomy mood (False, held-out rejected)."""
+    if happy is None:
+        action, mood = rng.choice(ACTIONS), rng.choice(("happy", *MOODS))
+    elif happy:
+        action, mood = rng.choice(CHEERFUL_ACTIONS), "happy"
+    else:
+        action, mood = rng.choice(ACTIONS[: -len(CHEERFUL_ACTIONS)]), rng.choice(MOODS)
+    return f" {rng.choice(('She', 'He'))} {action} and was very {mood}."
 
 
 def write_data(project: Path, seed: int = 0) -> dict[str, str]:
@@ -92,9 +107,10 @@ def configure(project: Path, real: Path, judge: str = "graded") -> None:
     # 1e-3 every stories round raised chosen_nll 0.42 -> 0.87-1.07 (KL to SFT ~40 nats) and was refused (README).
     params["dpo"]["train"]["learning_rate"] = 1e-4
     params["onpolicy"]["prompts"].update(pool=paths["prompts"], per_round=160)
-    params["onpolicy"]["generate"]["max_new_tokens"] = 16
+    # The longest continuation is 16 tokens on stories260K's tokenizer; 20 leaves room for the end of text.
+    params["onpolicy"]["generate"]["max_new_tokens"] = 20
     params["onpolicy"]["judge"] = {"kind": "function", "function": f"benchmarks.story_judge:{judge}"}
-    params["eval"]["max_new_tokens"] = 16
+    params["eval"]["max_new_tokens"] = 20
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
