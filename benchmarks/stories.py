@@ -34,6 +34,7 @@ NAMES = (
     "Lily", "Tom", "Sue", "Ben", "Mia", "Max", "Anna", "Tim", "Lucy", "Sam", "Zoe", "Jack", "Emma", "Leo", "Rose",
     "Bob",
 )  # fmt: skip
+GIRLS = frozenset(NAMES[::2])
 THINGS = (
     "a red ball", "a big tree", "a little dog", "a shiny star", "a blue boat", "a soft cat", "a tall hill",
     "a green frog", "a yellow kite", "a small bird",
@@ -61,16 +62,18 @@ def opening(rng: random.Random) -> str:
     return f"Once upon a time, there was a little child named {name}. {name} saw {thing} in {rng.choice(PLACES)}."
 
 
-def continuation(rng: random.Random, happy: bool | None = None) -> str:
-    """One sentence, `<pronoun> <action> and was very <mood>.`: any action and mood (None, SFT), a cheerful action
-    and happy (True, held-out chosen) or another action and a gloomy mood (False, held-out rejected)."""
+def continuation(rng: random.Random, opening_text: str, happy: bool | None = None) -> str:
+    """One sentence about the opening's child, `<She|He> <action> and was very <mood>.`: any action and mood (None,
+    SFT), the judge's top rung `played with a friend ... happy` (True, held-out chosen: so task accuracy, an exact
+    match, is the share of openings where the policy found it) or a plain action and a gloomy mood (False)."""
     if happy is None:
         action, mood = rng.choice(ACTIONS), rng.choice(("happy", *MOODS))
     elif happy:
-        action, mood = rng.choice(CHEERFUL_ACTIONS), "happy"
+        action, mood = ACTIONS[-1], "happy"
     else:
         action, mood = rng.choice(ACTIONS[: -len(CHEERFUL_ACTIONS)]), rng.choice(MOODS)
-    return f" {rng.choice(('She', 'He'))} {action} and was very {mood}."
+    name = opening_text.split(" named ")[1].split(".")[0]
+    return f" {'She' if name in GIRLS else 'He'} {action} and was very {mood}."
 
 
 def write_data(project: Path, seed: int = 0) -> dict[str, str]:
@@ -83,9 +86,10 @@ def write_data(project: Path, seed: int = 0) -> dict[str, str]:
     sft, heldout = openings[:SFT_ROWS], openings[SFT_ROWS : SFT_ROWS + HELDOUT]
     pool = openings[SFT_ROWS + HELDOUT : SFT_ROWS + HELDOUT + POOL]
     files = {
-        "sft": [{"prompt": p, "completion": continuation(rng)} for p in sft],
+        "sft": [{"prompt": p, "completion": continuation(rng, p)} for p in sft],
         "eval_pairs": [
-            {"prompt": p, "chosen": continuation(rng, True), "rejected": continuation(rng, False)} for p in heldout
+            {"prompt": p, "chosen": continuation(rng, p, True), "rejected": continuation(rng, p, False)}
+            for p in heldout
         ],
         "prompts": [{"prompt": p} for p in pool],
     }
