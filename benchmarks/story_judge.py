@@ -5,7 +5,9 @@
 - `benchmarks.story_judge:graded`: a graded score with headroom. Cheerful words count with diminishing returns
   (the first distinct one 1, the next 0.5, then 0.25, ...: at most 2), a sad or angry mood word costs 0.5, ending a
   sentence adds 0.5 and each word past 12 costs 0.1, so the maximum (2.5) needs several distinct cheerful words in
-  one short, complete sentence or two: a policy that only learned "She was very happy." scores 1.5.
+  one short, complete sentence or two: a policy that only learned "She was very happy." scores 1.5. On the bench's
+  continuations (benchmarks/stories.py) the rungs are 0 (a gloomy mood), 1.5 (happy), 2.0 (a cheerful action and
+  happy) and 2.25 (`played with a friend and was very happy`).
 """
 
 from __future__ import annotations
