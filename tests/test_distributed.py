@@ -121,7 +121,8 @@ def test_dpo_on_two_processes_averages_gradients_like_one_process_with_the_same_
     # The sigmoid loss is a mean over pairs; TRL's `sft` term is a token mean per process (as per accumulation step).
     outs, logs = {}, {}
     for processes in (1, 2):
-        params = params_file(pipeline, tmp_path, processes, "dpo", **{"dpo.loss.types": ["sigmoid"]})
+        plain_loss = {"dpo.loss.types": ["sigmoid"], "dpo.loss.weights": None}
+        params = params_file(pipeline, tmp_path, processes, "dpo", **plain_loss)
         outs[processes] = tmp_path / f"dpo_{processes}"
         logs[processes] = run_stage(
             pipeline, "tasks.dpo", "--params", str(params), "--round", "r1",

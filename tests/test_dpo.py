@@ -126,7 +126,7 @@ def test_early_stopping_ends_a_round_whose_validation_loss_stops_falling_and_kee
     overrides = {
         "dpo.train.max_steps": 20, "dpo.train.batch_size": 8, "dpo.train.learning_rate": 0.01,
         "dpo.train.warmup_ratio": 0.0, "dpo.train.logging_steps": 1,
-        "dpo.loss.types": ["sigmoid"],
+        "dpo.loss.types": ["sigmoid"], "dpo.loss.weights": None,
         "dpo.early_stopping.patience": 1, "dpo.early_stopping.eval_steps": 2,
     }  # fmt: skip
     params = load_params(ROOT / "params.yaml", overrides)

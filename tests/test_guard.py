@@ -33,8 +33,8 @@ def test_the_sft_term_keeps_chosen_log_probs_above_the_plain_losses_on_the_same_
     for name, types in (("plain", ["sigmoid"]), ("sft", ["sigmoid", "sft"])):
         params = load_params(
             pipeline / "params.yaml",
-            {"dpo.loss.types": types, "dpo.train.learning_rate": 2e-3, "dpo.train.max_steps": 12,
-             "dpo.guard.sanity_prompts": 1, "tracking.report_to": []},
+            {"dpo.loss.types": types, "dpo.loss.weights": None, "dpo.train.learning_rate": 2e-3,
+             "dpo.train.max_steps": 12, "dpo.guard.sanity_prompts": 1, "tracking.report_to": []},
         )  # fmt: skip
         train_round(
             params, "r1", sft, pipeline / "models/reference_logps/r1", tmp_path / f"{name}_policy",
