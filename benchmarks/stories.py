@@ -47,37 +47,37 @@ SFT_ROWS, HELDOUT, POOL = 300, 200, 600
 """Distinct openings (of 1,600 possible) for SFT, held-out pairs (one question = 0.005) and the prompt pool (three
 rounds of 160 fresh prompts each)."""
 MOODS = ("sad", "tired", "scared", "sleepy", "angry", "hungry")
-ACTIONS = (
-    "looked at it", "picked it up", "sat down", "ran home", "walked away", "went to bed", "smiled", "played with it",
-    "played with a friend",
-)  # fmt: skip
-CHEERFUL_ACTIONS = ACTIONS[-3:]
+PLAIN_ACTIONS = ("looked at it", "picked it up", "sat down", "ran home", "walked away", "went to bed")
+CHEERFUL_ACTIONS = ("smiled", "played with it", "played with a friend")
+ACTIONS = PLAIN_ACTIONS + CHEERFUL_ACTIONS
 """SFT pairs any action with any mood, so its samples span the graded judge's ladder: a gloomy mood 0, happy 1.5,
 happy after one cheerful action word 2.0, after two (`played with a friend`) 2.25. Each rung is rarer in SFT's
 samples than the one below, which leaves every round something better to find."""
 
 
-def opening(rng: random.Random) -> str:
+def opening(rng: random.Random) -> tuple[str, str]:
+    """An opening and the pronoun of its child."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    return f"Once upon a time, there was a little child named {name}. {name} saw {thing} in {rng.choice(PLACES)}."
+    text = f"Once upon a time, there was a little child named {name}. {name} saw {thing} in {rng.choice(PLACES)}."
+    return text, "She" if name in GIRLS else "He"
 
 
-def continuation(rng: random.Random, opening_text: str, happy: bool | None = None) -> str:
+def continuation(rng: random.Random, pronoun: str, happy: bool | None = None) -> str:
     """One sentence about the opening's child, `<She|He> <action> and was very <mood>.`: any action and mood (None,
     SFT), the judge's top rung `played with a friend ... happy` (True, held-out chosen: so task accuracy, an exact
     match, is the share of openings where the policy found it) or a plain action and a gloomy mood (False)."""
     if happy is None:
         action, mood = rng.choice(ACTIONS), rng.choice(("happy", *MOODS))
     elif happy:
-        action, mood = ACTIONS[-1], "happy"
+        action, mood = CHEERFUL_ACTIONS[-1], "happy"
     else:
-        action, mood = rng.choice(ACTIONS[: -len(CHEERFUL_ACTIONS)]), rng.choice(MOODS)
-    name = opening_text.split(" named ")[1].split(".")[0]
-    return f" {'She' if name in GIRLS else 'He'} {action} and was very {mood}."
+        action, mood = rng.choice(PLAIN_ACTIONS), rng.choice(MOODS)
+    return f" {pronoun} {action} and was very {mood}."
 
 
 def write_data(project: Path, seed: int = 0) -> dict[str, str]:
-    """SFT rows (one mood of seven), held-out pairs (happy vs not) and a prompt pool, as string rows."""
+    """SFT rows (any action, any mood), held-out pairs (the top rung vs a plain action and a gloomy mood) and a
+    prompt pool, as string rows."""
     rng = random.Random(seed)
     folder = project / "data" / "stories"
     folder.mkdir(parents=True)
@@ -86,12 +86,12 @@ def write_data(project: Path, seed: int = 0) -> dict[str, str]:
     sft, heldout = openings[:SFT_ROWS], openings[SFT_ROWS : SFT_ROWS + HELDOUT]
     pool = openings[SFT_ROWS + HELDOUT : SFT_ROWS + HELDOUT + POOL]
     files = {
-        "sft": [{"prompt": p, "completion": continuation(rng, p)} for p in sft],
+        "sft": [{"prompt": p, "completion": continuation(rng, pronoun)} for p, pronoun in sft],
         "eval_pairs": [
-            {"prompt": p, "chosen": continuation(rng, p, True), "rejected": continuation(rng, p, False)}
-            for p in heldout
+            {"prompt": p, "chosen": continuation(rng, pronoun, True), "rejected": continuation(rng, pronoun, False)}
+            for p, pronoun in heldout
         ],
-        "prompts": [{"prompt": p} for p in pool],
+        "prompts": [{"prompt": p} for p, _ in pool],
     }
     paths = {}
     for name, rows in files.items():
