@@ -9,6 +9,10 @@ start the stage).
 `recover_after_kill` puts that copy back when dvc.lock no longer validates against DVC's own schema; the stages it
 does not record then re-run or come back from DVC's run-cache. The flow calls it before it reads the project, and
 `make demo` through `python -m flows.lockfile`.
+
+A live `dvc` command also leaves dvc.lock half-written for the milliseconds of each rewrite, so another run that starts
+meanwhile must not take it for a killed one's: the repair happens only under DVC's own repository lock (no `dvc`
+command is running), and a reader that copies dvc.lock (a run's workspace) re-reads it until it is whole.
 """
 
 from __future__ import annotations
@@ -27,18 +31,23 @@ from tasks.lib.stage import WHOLE_LOCK_COPY
 
 LOCK_FILE = "dvc.lock"
 RWLOCK_DIR = ".dvc/tmp"
+REPOSITORY_LOCK = ".dvc/tmp/lock"
+"""DVC's lock on the whole repository, held by every `dvc` command that reads or writes the pipeline."""
+SETTLE_TIMEOUT_S = 10.0
+"""How long a reader waits for a half-written dvc.lock to become whole (DVC's rewrite takes milliseconds)."""
 
 
 class LockfileError(RuntimeError):
     """dvc.lock is half-written and no whole copy is kept."""
 
 
-def lock_problem(path: Path) -> str | None:
-    """Why `path` is not a whole dvc.lock (DVC's own schema), or None."""
+def lock_problem(path: Path, content: bytes | None = None) -> str | None:
+    """Why `path` (or `content`, read from it) is not a whole dvc.lock (DVC's own schema), or None."""
     from dvc.schema import COMPILED_LOCKFILE_SCHEMA
 
     try:
-        data = yaml.load(path.read_bytes(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        data = yaml.load(path.read_bytes() if content is None else content, Loader=loader)
         COMPILED_LOCKFILE_SCHEMA(data)
     except Exception as error:  # noqa: BLE001  (any parse or schema error means the same: not whole)
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -71,14 +80,43 @@ def _recover_rwlock(root: Path) -> str | None:
     return f"{table} was half-written (a dvc command was killed while writing it): reset to empty"
 
 
+def read_whole_lock(path: Path, timeout_s: float = SETTLE_TIMEOUT_S) -> bytes:
+    """dvc.lock's bytes once whole: a `dvc` command that is running rewrites it in place, so a reader can meet it
+    half-written for a moment. Still half-written after `timeout_s`: LockfileError (a killed command left it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        content = path.read_bytes()
+        problem = lock_problem(path, content)
+        if problem is None:
+            return content
+        if time.monotonic() > deadline:
+            raise LockfileError(f"{path} stayed half-written for {timeout_s:.0f} s ({problem}): run the flow in the "
+                                "project once (it repairs it), or `git checkout dvc.lock`")  # fmt: skip
+        time.sleep(0.05)
+
+
 def _recover_lock(root: Path) -> str | None:
     """Put the last whole dvc.lock back if DVC left it half-written; what was done, or None if it is whole."""
+    from dvc.lock import LockError, make_lock
+
     lock = root / LOCK_FILE
-    if not lock.is_file():
+    if not lock.is_file() or lock_problem(lock) is None:
         return None
+    repository_lock = make_lock(str(root / REPOSITORY_LOCK), tmp_dir=str(root / RWLOCK_DIR))
+    try:
+        repository_lock.lock()  # DVC's own wait (3 s) for a running command's lock
+    except LockError:
+        return None  # a running dvc command holds the project: it is rewriting dvc.lock, not killed while doing so
+    try:
+        return _repair_lock(root, lock)
+    finally:
+        repository_lock.unlock()
+
+
+def _repair_lock(root: Path, lock: Path) -> str | None:
     problem = lock_problem(lock)
     if problem is None:
-        return None
+        return None  # a command finished its rewrite before the repository lock was taken
     copy = root / WHOLE_LOCK_COPY
     if not copy.is_file() or lock_problem(copy) is not None:
         raise LockfileError(

@@ -72,6 +72,16 @@ def _read(path: Path) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
+def _take(root: Path, relative: str) -> bytes | None:
+    """A changed file of the project as the run starts from it; dvc.lock once whole (a `dvc` command running in the
+    project rewrites it in place)."""
+    from flows.lockfile import LOCK_FILE, read_whole_lock  # flows.lockfile imports this module (via leftovers)
+
+    if relative == LOCK_FILE and (root / relative).is_file():
+        return read_whole_lock(root / relative)
+    return _read(root / relative)
+
+
 def _copy(source: Path, target: Path) -> None:
     if source.is_dir():
         shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
@@ -96,9 +106,11 @@ def isolated_workspace(root: Path, name: str) -> Iterator[Workspace]:
     base = _git(root, "rev-parse", "HEAD").stdout.strip()
     _git(root, "worktree", "add", "--detach", "--force", str(path), base)
     try:
-        workspace = Workspace(root, path, base, {relative: _read(root / relative) for relative in _changed_files(root)})
-        for relative in workspace.copied:
+        workspace = Workspace(root, path, base, {relative: _take(root, relative) for relative in _changed_files(root)})
+        for relative, content in workspace.copied.items():
             _copy(root / relative, path / relative)
+            if content is not None:  # what was taken, not a second read that could meet another command's write
+                (path / relative).write_bytes(content)
         local_config = root / ".dvc" / "config.local"
         if local_config.is_file():
             shutil.copy2(local_config, path / ".dvc" / "config.local")

@@ -104,7 +104,8 @@ def test_runs_started_together_complete_or_are_refused_and_never_mix(harness, tm
     outcomes = {name: outcome(process) for name, process in runs.items()}
     manual_output = manual.communicate(timeout=300)[0]
 
-    assert outcomes["beta 0.3"]["completed"] and outcomes["beta 0.7"]["completed"], outcomes
+    for name in ("beta 0.3", "beta 0.7"):
+        assert outcomes[name]["completed"], f"{name}: {outcomes[name]['message']}"
     for name, result in outcomes.items():
         assert result["completed"] or any(refusal in result["message"] for refusal in REFUSALS), (name, result)
     assert manual.returncode == 0 or "Unable to acquire lock" in manual_output, manual_output[-2000:]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from conftest import DIAMOND_DAG, dvc, make_shell_project, project_env
 
-from flows.lockfile import LockfileError, recover_after_kill
+from flows.lockfile import REPOSITORY_LOCK, LockfileError, read_whole_lock, recover_after_kill
 from tasks.lib.stage import WHOLE_LOCK_COPY, _keep_whole_lock_copy
 
 
@@ -43,3 +45,42 @@ def test_without_a_whole_copy_the_message_says_how_to_get_one(tmp_path):
     (project / "dvc.lock").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(LockfileError, match=r"half-written .* `git checkout dvc.lock`"):
         recover_after_kill(project)
+
+
+def test_a_running_dvc_commands_half_written_dvc_lock_is_left_to_it(tmp_path):
+    """DVC rewrites dvc.lock in place: a run starting beside a live `dvc repro` can meet it half-written. While a
+    process holds DVC's repository lock, that is its write in progress, not a kill: nothing is repaired or refused."""
+    project = make_shell_project(tmp_path, DIAMOND_DAG)
+    dvc(project, "repro")
+    half = (project / "dvc.lock").read_bytes()[:40]
+    (project / "dvc.lock").write_bytes(half)
+    hold = f"held = make_lock({str(project / REPOSITORY_LOCK)!r}); held.lock(); print('held', flush=True)"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import time; from dvc.lock import make_lock; {hold}; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert recover_after_kill(project) == []
+        assert (project / "dvc.lock").read_bytes() == half
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(LockfileError):  # the holder is gone: now it is a killed command's half-written file
+        recover_after_kill(project)
+
+
+def test_a_reader_takes_dvc_lock_once_its_rewrite_is_whole(tmp_path):
+    project = make_shell_project(tmp_path, DIAMOND_DAG)
+    dvc(project, "repro")
+    lock = project / "dvc.lock"
+    whole = lock.read_bytes()
+    lock.write_bytes(whole[: len(whole) // 2])
+    finisher = threading.Timer(0.3, lock.write_bytes, args=(whole,))
+    started = time.monotonic()
+    finisher.start()
+    assert read_whole_lock(lock) == whole
+    assert time.monotonic() - started >= 0.3
+    lock.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(LockfileError, match="stayed half-written"):
+        read_whole_lock(lock, timeout_s=0.2)
