@@ -111,6 +111,7 @@ def configure(project: Path, real: Path, judge: str = "graded") -> None:
     # 1e-3 every stories round forgot and was refused; at 1e-4 round 1 reached 2.20 of the judge's 2.25 and every r3
     # was refused; 5e-5 rose every round in every seed with all 9 rounds promoted (README, 3 seeds).
     params["dpo"]["train"]["learning_rate"] = 5e-5
+    params["dpo"]["train"]["epochs"] = 2  # what those 3 seeds were measured with (the built-in task's default is 1.5)
     params["onpolicy"]["prompts"].update(pool=paths["prompts"], per_round=160)
     # The longest continuation is 16 tokens on stories260K's tokenizer; 20 leaves room for the end of text.
     params["onpolicy"]["generate"]["max_new_tokens"] = 20
