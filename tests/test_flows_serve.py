@@ -68,6 +68,7 @@ def test_deployment_run_watch_completes_and_publishes_eval_summary(served):
     assert [row["model"] for row in rows] == list(scores) and rows[0]["accuracy"].startswith("0.5")
 
 
+@pytest.mark.slow  # two whole deployment runs one after the other; CI runs it
 def test_two_triggered_runs_wait_for_each_other(served):
     project, env, _, _, _ = served
     ids = []
