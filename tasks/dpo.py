@@ -15,13 +15,22 @@ import shutil
 from pathlib import Path
 
 from tasks.lib.distributed import check_replicas_agree, is_main, world_size
-from tasks.lib.files import atomic_path, load_splits, write_json
+from tasks.lib.files import atomic_path, load_records, load_splits, write_json, write_records
 from tasks.lib.hashing import file_digest
-from tasks.lib.policies import ADAPTER_DIR, load_model, load_tokenizer, merge_adapter, save_policy, scrub_saved_configs
+from tasks.lib.policies import (
+    ADAPTER_DIR,
+    TRAINED_PAIRS_FILE,
+    load_model,
+    load_tokenizer,
+    merge_adapter,
+    save_policy,
+    scrub_saved_configs,
+)
 from tasks.lib.schema import EarlyStoppingParams, Params, RoundParams, TrainingParams
 from tasks.lib.stage import stage_main
 from tasks.lib.timing import phase
 from tasks.lib.training import (
+    PAIR_COLUMNS,
     dpo_loss_arguments,
     dpo_sequence_config,
     final_model_dir,
@@ -80,6 +89,17 @@ def round_training(params: Params, spec: RoundParams) -> TrainingParams:
     """`dpo.train` with the round's own learning rate and epochs, where it sets them."""
     own = {"learning_rate": spec.learning_rate, "epochs": spec.epochs}
     return params.dpo.train.model_copy(update={key: value for key, value in own.items() if value is not None})
+
+
+def write_trained_pairs(reference_logps: Path, out: Path) -> None:
+    """The round's pairs (every split, without reference columns) beside the candidate, for later rounds' replay."""
+    rows = [
+        {column: row[column] for column in PAIR_COLUMNS}
+        for split in ("train", "validation")
+        if (reference_logps / f"{split}.jsonl").is_file()
+        for row in load_records(reference_logps / f"{split}.jsonl")
+    ]
+    write_records(out, rows)
 
 
 def train_round(
@@ -155,6 +175,7 @@ def train_round(
         save_policy(merged, tokenizer, scratch)
         scrub_saved_configs(scratch)
         scrub_saved_configs(scratch / ADAPTER_DIR)
+        write_trained_pairs(reference_logps, scratch / TRAINED_PAIRS_FILE)
 
     train_losses = [row["loss"] for row in history if "loss" in row]
     summary = {

@@ -8,7 +8,8 @@
 Pairs closer than `min_gap` (ties), degenerate ones (an empty response, or chosen and rejected the same
 text), and, when set, pairs whose chosen scores below `min_chosen_score`, whose lengths differ by more than
 `max_length_difference` tokens or whose texts are more alike than `max_similarity` are dropped, and each
-prompt left without a pair is counted by the reason. The result goes through the same validation as every
+prompt left without a pair is counted by the reason. With `replay_fraction` set, pairs the round's starting
+policy was trained on are added (replay of earlier rounds). The result goes through the same validation as every
 pairs file (file:line reasons, `data.on_bad_lines`, dedup) and its report carries the pair
 statistics: count, mean score gap, and the lengths of chosen and rejected responses, since
 length drift is the known failure of iterative DPO.
@@ -17,6 +18,7 @@ length drift is the known failure of iterative DPO.
 from __future__ import annotations
 
 import difflib
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 from tasks.lib.chat import as_response, boundary_report, last_content
 from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, load_records, write_json, write_records
-from tasks.lib.policies import load_base_tokenizer
+from tasks.lib.policies import TRAINED_PAIRS_FILE, load_base_tokenizer
 from tasks.lib.records import enforce_bad_line_policy, file_report, read_records, token_length_report
 from tasks.lib.schema import PairParams, Params
 from tasks.lib.stage import stage_main
@@ -123,35 +125,62 @@ def length_stats(pairs: list[dict], tokenizer) -> dict[str, float | None]:
     return stats
 
 
-def kept_per_source(kept_lines: list[int], onpolicy: int, human: int, incoming: Path) -> dict[str, int]:
-    """How many pairs of each source survived validation (on-policy pairs come first in the file).
+def replayed_pairs(previous_policy: Path, fraction: float, fresh: int, seed: int) -> list[dict]:
+    """`fraction` x `fresh` pairs drawn from those the starting policy was trained on (none for the SFT snapshot)."""
+    trained = previous_policy / TRAINED_PAIRS_FILE
+    if not fraction or not trained.is_file():
+        return []
+    earlier = load_records(trained)
+    return random.Random(seed).sample(earlier, min(len(earlier), round(fraction * fresh)))
+
+
+def kept_per_source(kept_lines: list[int], written: dict[str, int], names: dict[str, str]) -> dict[str, int]:
+    """How many pairs of each source survived validation (sources are written one after another, in order).
 
     Dropping bad lines may thin a source, never empty it: a whole source refused means the sources disagree
     (a format, a field) and training on what is left would silently be another experiment.
     """
-    kept = {"on-policy": sum(line <= onpolicy for line in kept_lines)}
-    kept["human"] = len(kept_lines) - kept["on-policy"]
-    for source, written, name in (("on-policy", onpolicy, "judged responses"), ("human", human, str(incoming))):
-        if written and not kept[source]:
-            raise DataError(f"all {written} {source} pairs ({name}) were refused beside the other source's pairs")
+    kept, first_line = {}, 1
+    for source, count in written.items():
+        kept[source] = sum(first_line <= line < first_line + count for line in kept_lines)
+        if count and not kept[source]:
+            raise DataError(
+                f"all {count} {source} pairs ({names[source]}) were refused beside the other sources' pairs"
+            )
+        first_line += count
     return kept
 
 
-def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: Path, report: Path) -> dict:
-    """Pair the round's judged responses, add its human pairs, validate them all and report.
+def build_pairs(
+    params: Params, scored: Path, incoming: Path, previous_policy: Path, base: Path, out: Path, report: Path
+) -> dict:
+    """Pair the round's judged responses, add its human pairs and any replayed ones, validate them all and report.
 
     Args:
         params: the pipeline's params
         scored: judged responses (from judge@<round>)
         incoming: the round's validated human pairs
+        previous_policy: the policy the round starts from (the pairs it was trained on are replayed)
         base: base folder (its tokenizer measures lengths)
         out: the round's training pairs (JSON lines)
         report: the stage's report (counts, ties, score gap, lengths)
     """
     onpolicy, onpolicy_stats = judged_pairs(load_records(scored), params.onpolicy.pairs)
     human = load_records(incoming)
+    replayed = replayed_pairs(
+        previous_policy,
+        params.onpolicy.pairs.replay_fraction,
+        len(onpolicy) + len(human),
+        params.onpolicy.generate.seed,
+    )
+    written = {"on-policy": len(onpolicy), "human": len(human), "replayed": len(replayed)}
+    names = {
+        "on-policy": "judged responses",
+        "human": str(incoming),
+        "replayed": str(previous_policy / TRAINED_PAIRS_FILE),
+    }
     with atomic_path(out) as scratch:
-        write_records(scratch, onpolicy + human)
+        write_records(scratch, onpolicy + human + replayed)
         result = read_records(scratch, "pairs")
         result.path = out  # bad lines are reported against the file the stage writes, not its scratch copy
         if not result.rows:
@@ -166,13 +195,14 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
                 f"and {incoming} has no human pairs"
             )
         enforce_bad_line_policy(result, params.data.on_bad_lines, params.data.max_bad_fraction)
-        kept = kept_per_source(result.row_lines, len(onpolicy), len(human), incoming)
+        kept = kept_per_source(result.row_lines, written, names)
         write_records(scratch, result.rows)
     tokenizer = load_base_tokenizer(base, params.model)
     summary = {
         "pairs": len(result.rows),
         "onpolicy_pairs": kept["on-policy"],
         "human_pairs": kept["human"],
+        "replayed_pairs": kept["replayed"],
         **onpolicy_stats,
         **length_stats(result.rows, tokenizer),
         **file_report(result),
@@ -181,7 +211,8 @@ def build_pairs(params: Params, scored: Path, incoming: Path, base: Path, out: P
     }
     write_json(report, summary)
     print(
-        f"pairs: {summary['pairs']} ({summary['onpolicy_pairs']} on-policy, {summary['human_pairs']} human); "
+        f"pairs: {summary['pairs']} ({summary['onpolicy_pairs']} on-policy, {summary['human_pairs']} human, "
+        f"{summary['replayed_pairs']} replayed); "
         f"dropped {summary['ties_dropped']} ties, {summary['degenerate_dropped']} degenerate; mean gap "
         f"{summary['mean_score_gap']}; chosen/rejected {summary['chosen_chars_mean']}/"
         f"{summary['rejected_chars_mean']} chars"

@@ -166,7 +166,7 @@ def test_no_source_of_pairs_is_dropped_whole(tmp_path, base):
     )
     params = load_params(ROOT / "params.yaml", {"data.on_bad_lines": "drop", "data.max_bad_fraction": 0.9})
     with pytest.raises(DataError, match=r"all 3 on-policy pairs \(judged responses\) were refused"):
-        build_pairs(params, scored, human, base, tmp_path / "pairs.jsonl", tmp_path / "report.json")
+        build_pairs(params, scored, human, base, base, tmp_path / "pairs.jsonl", tmp_path / "report.json")
     assert not (tmp_path / "pairs.jsonl").exists()
 
 

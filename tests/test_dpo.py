@@ -47,7 +47,7 @@ def test_chinese_pairs_run_through_prepare_reference_and_dpo(tmp_path):
     build_base(params, ROOT / "data/builtin/sft.jsonl", base)  # byte-level BPE: Chinese text needs no merges
     prepared = tmp_path / "pairs.jsonl"
     (tmp_path / "no_responses.jsonl").write_text("")
-    report = build_pairs(params, tmp_path / "no_responses.jsonl", raw, base, prepared, tmp_path / "report.json")
+    report = build_pairs(params, tmp_path / "no_responses.jsonl", raw, base, base, prepared, tmp_path / "report.json")
     assert report["pairs"] == report["human_pairs"] == 12 and report["dropped"] == 0
     string_pairs = tmp_path / "eval_pairs.jsonl"
     string_rows = [{"prompt": f"{i} 加 {i}？", "chosen": f" {2 * i}", "rejected": f" {i}"} for i in range(1, 5)]

@@ -7,6 +7,7 @@ round killed mid-generation resumes; an appended round re-runs only itself and w
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -28,8 +29,9 @@ from tasks.lib.files import load_records, write_records
 from tasks.lib.hashing import file_digest
 from tasks.lib.judges import FunctionJudge, RuleJudge
 from tasks.lib.params import ParamsError, load_params, validate
+from tasks.lib.policies import TRAINED_PAIRS_FILE
 from tasks.lib.schema import GateParams, JudgeParams, OnPolicyParams, PairParams
-from tasks.pairs import judged_pairs, prompt_pairs
+from tasks.pairs import build_pairs, judged_pairs, prompt_pairs
 from tasks.prompts import round_slice
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,6 +240,32 @@ def test_generation_is_deterministic_under_a_seed_and_resumes_batch_by_batch(pip
     reseeded = load_params(pipeline / "params.yaml", {**two_prompts_a_batch, "onpolicy.generate.seed": 1})
     generate_round(reseeded, policy, prompts, tmp_path / "d.jsonl", tmp_path / "ckpt_a", tmp_path / "d.json")
     assert (tmp_path / "d.jsonl").read_text() != (tmp_path / "a.jsonl").read_text()
+
+
+def as_set(rows: list[dict]) -> set[str]:
+    return {json.dumps(row, sort_keys=True) for row in rows}
+
+
+def test_a_round_replays_the_pairs_its_starting_policy_was_trained_on(pipeline, tmp_path):
+    rounds, policies = pipeline / "data" / "rounds", pipeline / "models" / "policies"
+    trained = as_set(load_records(policies / "r1" / TRAINED_PAIRS_FILE))
+    assert trained == as_set(load_records(pipeline / "data" / "prepared" / "pairs" / "r1.jsonl"))  # every split
+
+    def r2_pairs(fraction: float, previous: str) -> tuple[dict, set[str]]:
+        params = load_params(pipeline / "params.yaml", {"onpolicy.pairs.replay_fraction": fraction})
+        out = tmp_path / f"{fraction}_{previous}.jsonl"
+        report = build_pairs(
+            params, rounds / "r2" / "scored.jsonl", rounds / "r2" / "incoming.jsonl", policies / previous,
+            pipeline / "models" / "base", out, tmp_path / "report.json",
+        )  # fmt: skip
+        return report, as_set(load_records(out))
+
+    plain, fresh = r2_pairs(0.0, "r1")
+    half, mixed = r2_pairs(0.5, "r1")
+    assert plain["replayed_pairs"] == 0 and half["replayed_pairs"] == round(0.5 * len(fresh)) > 0
+    assert fresh < mixed and mixed - fresh <= trained and half["pairs"] == len(mixed)
+    assert r2_pairs(0.5, "r1")[1] == mixed  # seeded
+    assert r2_pairs(0.5, "sft")[0]["replayed_pairs"] == 0  # the SFT snapshot was trained on no pairs
 
 
 def test_reward_model_judge_scores_with_a_local_sequence_classifier(pipeline, tmp_path):

@@ -63,7 +63,7 @@ def test_each_bad_human_pair_line_is_reported_and_nothing_written(tmp_path, line
 def human_pairs_report(params, pairs: Path, base: Path, tmp_path: Path) -> dict:
     """The pairs stage's report on a round with no judged responses and `pairs` as its human pairs."""
     scored = write_lines(tmp_path / "scored.jsonl", [])
-    return build_pairs(params, scored, pairs, base, tmp_path / "out.jsonl", tmp_path / "report.json")
+    return build_pairs(params, scored, pairs, base, base, tmp_path / "out.jsonl", tmp_path / "report.json")
 
 
 def test_bad_sft_lines_fail_prepare_with_every_line_listed(tmp_path, base):

@@ -24,6 +24,9 @@ BASE_TEMPLATE_FILE = "chat_template.jinja"
 """In a base folder that points elsewhere: the `model.chat_template` that replaces the tokenizer's own."""
 ADAPTER_DIR = "adapter"
 PROMOTION_FILE = "promotion.json"
+TRAINED_PAIRS_FILE = "trained_pairs.jsonl"
+"""In a round's candidate (and the policy the gate promotes from it): the preference pairs it was trained on,
+which a later round replays from (`onpolicy.pairs.replay_fraction`)."""
 
 
 def skip_bitsandbytes_unless_quantized(model: ModelParams) -> None:
