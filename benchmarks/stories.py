@@ -112,6 +112,10 @@ def configure(project: Path, real: Path, judge: str = "graded") -> None:
     # was refused; 5e-5 rose every round in every seed with all 9 rounds promoted (README, 3 seeds).
     params["dpo"]["train"]["learning_rate"] = 5e-5
     params["dpo"]["train"]["epochs"] = 2  # what those 3 seeds were measured with (the built-in task's default is 1.5)
+    # Replay off, as those seeds were measured: with the built-in task's full replay (1.0) round 2 rose higher (judge
+    # 2.215 vs 2.184) but round 3, training 2 epochs on three rounds' pairs, drifted off the top sentence in every seed
+    # and was refused (README).
+    params["onpolicy"]["pairs"]["replay_fraction"] = 0.0
     params["onpolicy"]["prompts"].update(pool=paths["prompts"], per_round=160)
     # The longest continuation is 16 tokens on stories260K's tokenizer; 20 leaves room for the end of text.
     params["onpolicy"]["generate"]["max_new_tokens"] = 20
