@@ -125,13 +125,13 @@ def length_stats(pairs: list[dict], tokenizer) -> dict[str, float | None]:
     return stats
 
 
-def replayed_pairs(previous_policy: Path, fraction: float, fresh: int, seed: int) -> list[dict]:
-    """`fraction` x `fresh` pairs drawn from those the starting policy was trained on (none for the SFT snapshot)."""
+def replayed_pairs(previous_policy: Path, fraction: float, seed: int) -> list[dict]:
+    """`fraction` of the pairs the starting policy was trained on, drawn at random (none for the SFT snapshot)."""
     trained = previous_policy / TRAINED_PAIRS_FILE
     if not fraction or not trained.is_file():
         return []
     earlier = load_records(trained)
-    return random.Random(seed).sample(earlier, min(len(earlier), round(fraction * fresh)))
+    return random.Random(seed).sample(earlier, round(fraction * len(earlier)))
 
 
 def kept_per_source(kept_lines: list[int], written: dict[str, int], names: dict[str, str]) -> dict[str, int]:
@@ -167,12 +167,7 @@ def build_pairs(
     """
     onpolicy, onpolicy_stats = judged_pairs(load_records(scored), params.onpolicy.pairs)
     human = load_records(incoming)
-    replayed = replayed_pairs(
-        previous_policy,
-        params.onpolicy.pairs.replay_fraction,
-        len(onpolicy) + len(human),
-        params.onpolicy.generate.seed,
-    )
+    replayed = replayed_pairs(previous_policy, params.onpolicy.pairs.replay_fraction, params.onpolicy.generate.seed)
     written = {"on-policy": len(onpolicy), "human": len(human), "replayed": len(replayed)}
     names = {
         "on-policy": "judged responses",

@@ -262,8 +262,9 @@ def test_a_round_replays_the_pairs_its_starting_policy_was_trained_on(pipeline, 
 
     plain, fresh = r2_pairs(0.0, "r1")
     half, mixed = r2_pairs(0.5, "r1")
-    assert plain["replayed_pairs"] == 0 and half["replayed_pairs"] == round(0.5 * len(fresh)) > 0
-    assert fresh < mixed and mixed - fresh <= trained and half["pairs"] == len(mixed)
+    assert plain["replayed_pairs"] == 0 and 0 < half["replayed_pairs"] <= round(0.5 * len(trained))
+    assert fresh < mixed < r2_pairs(1.0, "r1")[1] == fresh | trained and mixed - fresh <= trained
+    assert half["pairs"] == len(mixed)
     assert r2_pairs(0.5, "r1")[1] == mixed  # seeded
     assert r2_pairs(0.5, "sft")[0]["replayed_pairs"] == 0  # the SFT snapshot was trained on no pairs
 

@@ -474,12 +474,12 @@ class PairParams(Section):
     """Drop near-identical pairs: responses whose character similarity (difflib ratio, 1 = identical) is above this
     (None: keep all). Pairs that differ in a few tokens are where DPO displaces likelihood from the chosen answer
     (DPOP, arXiv 2402.13228)."""
-    replay_fraction: float = Field(0.0, ge=0)
-    """Replay earlier rounds' pairs: add this fraction of the round's fresh pair count, drawn (seeded by
-    `onpolicy.generate.seed`) from the pairs the round's starting policy was trained on (0: off; none in round 1,
-    which starts from SFT). Those carried their own round's replay, so a round k rounds back contributes about
-    `replay_fraction^k`. Llama 2's iterative RLHF kept earlier iterations' samples in later ones against forgetting
-    (arXiv 2307.09288, section 3.2.3)."""
+    replay_fraction: float = Field(0.0, ge=0, le=1)
+    """Replay earlier rounds' pairs: this fraction of the pairs the round's starting policy was trained on, drawn at
+    random (seeded by `onpolicy.generate.seed`), joins the round's fresh pairs (1: all of them, so each round trains on
+    every earlier round's pairs too; 0: off; round 1 starts from SFT, trained on no pairs). Those carried their own
+    round's replay, so a round k rounds back contributes `replay_fraction^k` of its pairs. Llama 2's iterative RLHF
+    kept earlier iterations' samples in later ones against forgetting (arXiv 2307.09288, section 3.2.3)."""
 
 
 class OnPolicyParams(Section):
