@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from tasks.lib.distributed import check_replicas_agree, is_main, world_size
-from tasks.lib.files import atomic_path, load_records, load_splits, write_json, write_records
+from tasks.lib.files import atomic_path, load_splits, write_json, write_records
 from tasks.lib.hashing import file_digest
 from tasks.lib.policies import (
     ADAPTER_DIR,
@@ -30,12 +30,12 @@ from tasks.lib.schema import EarlyStoppingParams, Params, RoundParams, TrainingP
 from tasks.lib.stage import stage_main
 from tasks.lib.timing import phase
 from tasks.lib.training import (
-    PAIR_COLUMNS,
     dpo_loss_arguments,
     dpo_sequence_config,
     final_model_dir,
     logged_history,
     lora_config,
+    pairs_only,
     publish_logs,
     reference_free_trainer,
     resume_checkpoint,
@@ -93,13 +93,8 @@ def round_training(params: Params, spec: RoundParams) -> TrainingParams:
 
 def write_trained_pairs(reference_logps: Path, out: Path) -> None:
     """The round's pairs (every split, without reference columns) beside the candidate, for later rounds' replay."""
-    rows = [
-        {column: row[column] for column in PAIR_COLUMNS}
-        for split in ("train", "validation")
-        if (reference_logps / f"{split}.jsonl").is_file()
-        for row in load_records(reference_logps / f"{split}.jsonl")
-    ]
-    write_records(out, rows)
+    splits = [reference_logps / f"{split}.jsonl" for split in ("train", "validation")]
+    write_records(out, [row for split in splits if split.is_file() for row in pairs_only(split)])
 
 
 def train_round(

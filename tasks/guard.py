@@ -23,9 +23,9 @@ from tasks.lib.policies import load_model, load_tokenizer
 from tasks.lib.schema import SFT_POLICY, GuardParams, Params
 from tasks.lib.stage import stage_main
 from tasks.lib.training import (
-    PAIR_COLUMNS,
     dpo_loss_arguments,
     dpo_sequence_config,
+    pairs_only,
     reference_free_trainer,
     reference_logps_datasets,
     stored_reference_trainer_class,
@@ -120,7 +120,7 @@ def reference_free_heldout(params: Params, objective: str, candidate, tokenizer,
     """The reference-free trainer's evaluation of the candidate and of the policy it started from: with no
     reference, the drift is measured against the starting policy, in the trainer's own units."""
     pairs = scratch / "heldout.jsonl"
-    write_records(pairs, [{column: row[column] for column in PAIR_COLUMNS} for row in load_records(eval_pairs)])
+    write_records(pairs, pairs_only(eval_pairs))
     heldout = load_splits({"eval": pairs})["eval"]
     tracking = params.tracking.model_copy(update={"report_to": []})
     training = {**training_arguments(params.dpo.train, scratch, None, tracking), "eval_strategy": "no"}

@@ -20,7 +20,7 @@ from tasks.lib.errors import DataError
 from tasks.lib.files import atomic_path, load_records, write_records
 from tasks.lib.schema import SFT_POLICY, EarlyStoppingParams, Params
 from tasks.lib.stage import stage_main
-from tasks.lib.training import PAIR_COLUMNS, REF_COLUMNS, reference_logps_datasets
+from tasks.lib.training import PAIR_COLUMNS, REF_COLUMNS, pairs_only, reference_logps_datasets
 
 
 def compute_reference_logps(params: Params, reference: Path, splits: dict[str, Path], out: Path) -> None:
@@ -98,8 +98,7 @@ def write_pairs_only(splits: dict[str, Path], out: Path) -> None:
     with atomic_path(out) as scratch:
         scratch.mkdir()
         for name, source in splits.items():
-            rows = [{column: row[column] for column in PAIR_COLUMNS} for row in load_records(source)]
-            write_records(scratch / f"{name}.jsonl", rows)
+            write_records(scratch / f"{name}.jsonl", pairs_only(source))
 
 
 if __name__ == "__main__":

@@ -19,13 +19,20 @@ from typing import Any
 
 from tasks.lib import distributed
 from tasks.lib.errors import SettingError
-from tasks.lib.files import atomic_path, load_splits, read_json
+from tasks.lib.files import atomic_path, load_records, load_splits, read_json
 from tasks.lib.policies import has_cuda, load_model, load_tokenizer
 from tasks.lib.schema import LoraParams, Params, TrackingParams, TrainingParams
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 """Columns of stored reference log-probabilities, as TRL's precompute pass names them."""
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def pairs_only(path: Path) -> list[dict]:
+    """A pairs file's rows with only the preference columns (stored reference log-probs and extra fields dropped)."""
+    return [{column: row[column] for column in PAIR_COLUMNS} for row in load_records(path)]
+
+
 HIDDEN_PREFIX = "pair_"
 """Pair columns renamed with this prefix are invisible to TRL's dataset passes (they look for `prompt`, `chosen`)."""
 
