@@ -174,3 +174,31 @@ def test_a_round_may_set_its_own_learning_rate_and_epochs():
     assert first == params.dpo.train
     assert second.learning_rate == 1e-5 and second.epochs == params.dpo.train.epochs
     assert third.epochs == 3 and third.learning_rate == params.dpo.train.learning_rate
+
+
+def test_a_finished_round_run_again_trains_afresh_to_the_same_steps_and_weights(tmp_path):
+    """DVC re-runs a finished round (`dvc repro -f`, an edited helper, deleted outputs) with its checkpoint still
+    there. Resuming it would take extra steps past `max_steps` when the epochs are fractional (transformers starts
+    the next epoch before it checks), which a constant learning rate turns into different weights."""
+    rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no no no"} for i in range(16)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    overrides = {
+        "dpo.train.epochs": 1.5, "dpo.train.batch_size": 8, "dpo.train.learning_rate": 0.01,
+        "dpo.train.warmup_ratio": 0.0, "dpo.train.scheduler": "constant", "dpo.train.logging_steps": 1,
+    }  # fmt: skip
+    params = load_params(ROOT / "params.yaml", overrides)
+    base = tmp_path / "base"
+    build_base(params, ROOT / "data/builtin/sft.jsonl", base)
+    compute_reference_logps(params, base, {"train": pairs}, tmp_path / "ref")
+
+    def run(out: str) -> dict:
+        return train_round(
+            params, "r1", base, tmp_path / "ref", tmp_path / out, tmp_path / "ckpt", None,
+            tmp_path / f"{out}-plots.json", tmp_path / f"{out}-metrics.json",
+        )  # fmt: skip
+
+    first, again = run("first"), run("again")
+    assert first["steps"] == 3 and again["steps"] == 3, "a re-run did not stop at the round's 3 steps"
+    weights = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "first" / weights).read_bytes() == (tmp_path / "again" / weights).read_bytes()

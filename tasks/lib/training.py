@@ -320,17 +320,33 @@ def resume_checkpoint(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> str 
     """The latest checkpoint of an interrupted run of the *same* stage inputs, else None.
 
     Checkpoints written under other params or inputs are deleted: resuming them would
-    silently mix two runs.
+    silently mix two runs. So is a *finished* run's (DVC re-runs a stage on purpose: `dvc repro -f`, an
+    edited helper, deleted outputs): transformers starts the next epoch before it checks `max_steps`, so
+    with fractional epochs a resumed finished run takes extra steps, and it would skip any code change.
     """
     if claim_checkpoint_dir(checkpoint_dir, fingerprint):
-        checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        if checkpoints:
-            return str(checkpoints[-1])
+        return str(latest_checkpoint(checkpoint_dir))
     return None
 
 
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def is_unfinished(checkpoint: Path | None) -> bool:
+    """Whether `checkpoint` is a trainer checkpoint short of its run's last step (None or a vanished one: no)."""
+    state = checkpoint / "trainer_state.json" if checkpoint is not None else None
+    if state is None or not state.exists():  # rank 0 may be clearing a finished run's folder
+        return False
+    progress = read_json(state)
+    control = progress.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
+    stopped = control.get("should_training_stop", False)  # early stopping ends a run short of max_steps
+    return progress["global_step"] < progress["max_steps"] and not stopped
+
+
 def claim_checkpoint_dir(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> bool:
-    """True if `checkpoint_dir` holds partial work of the same inputs; otherwise empty it, stamp it, False.
+    """True if `checkpoint_dir` holds an interrupted run of the same inputs; otherwise empty it, stamp it, False.
 
     On several processes rank 0 claims; the others wait until the folder carries this run's stamp.
     """
@@ -342,8 +358,8 @@ def claim_checkpoint_dir(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> b
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{checkpoint_dir}: rank 0 did not claim it within {CLAIM_WAIT_S} s")
             time.sleep(0.05)
-        return any(checkpoint_dir.glob("checkpoint-*"))
-    if stamp.exists() and read_json(stamp) == expected:
+        return is_unfinished(latest_checkpoint(checkpoint_dir))
+    if stamp.exists() and read_json(stamp) == expected and is_unfinished(latest_checkpoint(checkpoint_dir)):
         return True
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True)
