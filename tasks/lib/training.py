@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -324,7 +325,7 @@ def resume_checkpoint(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> str 
     edited helper, deleted outputs): transformers starts the next epoch before it checks `max_steps`, so
     with fractional epochs a resumed finished run takes extra steps, and it would skip any code change.
     """
-    if claim_checkpoint_dir(checkpoint_dir, fingerprint):
+    if claim_checkpoint_dir(checkpoint_dir, fingerprint, lambda folder: is_unfinished(latest_checkpoint(folder))):
         return str(latest_checkpoint(checkpoint_dir))
     return None
 
@@ -345,8 +346,11 @@ def is_unfinished(checkpoint: Path | None) -> bool:
     return progress["global_step"] < progress["max_steps"] and not stopped
 
 
-def claim_checkpoint_dir(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> bool:
-    """True if `checkpoint_dir` holds an interrupted run of the same inputs; otherwise empty it, stamp it, False.
+def claim_checkpoint_dir(
+    checkpoint_dir: Path, fingerprint: dict[str, Any], resumable: Callable[[Path], bool] | None = None
+) -> bool:
+    """True if `checkpoint_dir` holds partial work of the same inputs (that `resumable` accepts, when given);
+    otherwise empty it, stamp it, False.
 
     On several processes rank 0 claims; the others wait until the folder carries this run's stamp.
     """
@@ -358,8 +362,8 @@ def claim_checkpoint_dir(checkpoint_dir: Path, fingerprint: dict[str, Any]) -> b
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{checkpoint_dir}: rank 0 did not claim it within {CLAIM_WAIT_S} s")
             time.sleep(0.05)
-        return is_unfinished(latest_checkpoint(checkpoint_dir))
-    if stamp.exists() and read_json(stamp) == expected and is_unfinished(latest_checkpoint(checkpoint_dir)):
+        return any(checkpoint_dir.glob("checkpoint-*")) if resumable is None else resumable(checkpoint_dir)
+    if stamp.exists() and read_json(stamp) == expected and (resumable is None or resumable(checkpoint_dir)):
         return True
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True)
