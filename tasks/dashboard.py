@@ -335,6 +335,10 @@ def gate_table(view: RunView) -> dict:
     limits = [f"task accuracy may fall by at most {gate.max_task_accuracy_drop}"]
     if gate.max_chosen_nll_rise is not None:
         limits.append(f"held-out preferred answers' NLL may rise by at most {gate.max_chosen_nll_rise:.0%}")
+    if gate.max_chosen_nll_rise_vs_sft is not None:
+        limits.append(
+            f"held-out preferred answers' NLL may stand at most {gate.max_chosen_nll_rise_vs_sft:.0%} above SFT's"
+        )
     if gate.max_perplexity_rise is not None:
         limits.append(f"perplexity may rise by at most {gate.max_perplexity_rise:.0%}")
     return {

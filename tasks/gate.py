@@ -4,7 +4,9 @@ The candidate (the round's `dpo` output) is compared with the policy the round s
 eval metrics, within the tolerances of `dpo.gate`: task accuracy may not fall by more than
 `max_task_accuracy_drop`, the held-out preferred completions' per-token NLL (`chosen_nll`, the forgetting
 measure) may not rise by more than `max_chosen_nll_rise` (relative; likewise held-out perplexity with
-`max_perplexity_rise`, when set), and the collapse guard must have passed (`require_guard_ok`). The round's policy
+`max_perplexity_rise`, when set) nor stand more than `max_chosen_nll_rise_vs_sft` above the SFT policy's (the
+budget of all rounds, which per-round rises would let compound), and the collapse guard must have passed
+(`require_guard_ok`). The round's policy
 folder (what the next round and `merge` start from) is then a copy of the candidate, or of the
 starting policy when refused; `promotion.json` inside it names the round whose training it holds.
 The round's eval file holds the metrics of that policy, the decision, its reasons, and the
@@ -33,27 +35,36 @@ def policy_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def refusals(gate: GateParams, candidate: dict[str, float], baseline: dict[str, float], guard: dict) -> list[str]:
-    """Why the candidate may not replace the baseline; empty when it may. A threshold that is set but whose metric
-    either eval lacks is a reason too: unchecked is not passed."""
+def refusals(
+    gate: GateParams, candidate: dict[str, float], baseline: dict[str, float], guard: dict, sft: dict[str, float]
+) -> list[str]:
+    """Why the candidate may not replace the baseline (the policy the round started from); empty when it may.
+    `sft` is the SFT policy's eval, the baseline of the forgetting budget of all rounds. A threshold that is set but
+    whose metric an eval it compares lacks is a reason too: unchecked is not passed."""
     checks = (
-        ("task_accuracy", gate.max_task_accuracy_drop, "max_task_accuracy_drop"),
-        ("perplexity", gate.max_perplexity_rise, "max_perplexity_rise"),
-        ("chosen_nll", gate.max_chosen_nll_rise, "max_chosen_nll_rise"),
+        ("task_accuracy", gate.max_task_accuracy_drop, "max_task_accuracy_drop", "baseline", baseline),
+        ("perplexity", gate.max_perplexity_rise, "max_perplexity_rise", "baseline", baseline),
+        ("chosen_nll", gate.max_chosen_nll_rise, "max_chosen_nll_rise", "baseline", baseline),
+        ("chosen_nll", gate.max_chosen_nll_rise_vs_sft, "max_chosen_nll_rise_vs_sft", "SFT policy", sft),
     )
     reasons = []
-    for metric, limit, key in checks:
+    for metric, limit, key, against, reference in checks:
         if limit is None:
             continue
-        lacking = [name for name, scores in (("round's", candidate), ("baseline's", baseline)) if metric not in scores]
+        lacking = [
+            name for name, scores in (("round's", candidate), (f"{against}'s", reference)) if metric not in scores
+        ]
         if lacking:
             reasons.append(f"{metric} unchecked: the {' and '.join(lacking)} eval has none (dpo.gate.{key}: {limit})")
             continue
-        old, new = baseline[metric], candidate[metric]
+        old, new = reference[metric], candidate[metric]
+        versus = "" if against == "baseline" else f" from the {against}'s"
         if metric == "task_accuracy" and old - new > limit + 1e-9:
             reasons.append(f"task_accuracy fell {old:.4f} -> {new:.4f} (dpo.gate.{key}: {limit})")
         elif metric != "task_accuracy" and new / old - 1 > limit + 1e-9:
-            reasons.append(f"{metric} rose {old:.4g} -> {new:.4g} (+{new / old - 1:.1%}; dpo.gate.{key}: {limit:.0%})")
+            reasons.append(
+                f"{metric} rose{versus} {old:.4g} -> {new:.4g} (+{new / old - 1:.1%}; dpo.gate.{key}: {limit:.0%})"
+            )
     if gate.require_guard_ok and guard.get("quality") != "ok":
         reasons.append(
             f"collapse guard: {'; '.join(guard.get('guard_reasons') or ['failed-quality'])} "
@@ -70,6 +81,7 @@ def gate_round(
     guard: Path,
     baseline: Path,
     baseline_eval: Path,
+    sft_eval: Path,
     candidate_answers: Path,
     baseline_answers: Path,
     out: Path,
@@ -86,6 +98,7 @@ def gate_round(
         guard: the collapse guard's verdict (from guard@<round>)
         baseline: the policy the round started from
         baseline_eval: its evaluation
+        sft_eval: the SFT policy's evaluation (the baseline of `max_chosen_nll_rise_vs_sft`)
         candidate_answers: the candidate's judged greedy answers (from its eval stage)
         baseline_answers: the starting policy's judged greedy answers
         out: the round's policy after the gate
@@ -94,7 +107,8 @@ def gate_round(
     """
     candidate_scores = policy_metrics(read_json(candidate_eval))
     baseline_scores = policy_metrics(read_json(baseline_eval))
-    reasons = refusals(params.dpo.gate, candidate_scores, baseline_scores, read_json(guard))
+    sft_scores = policy_metrics(read_json(sft_eval))
+    reasons = refusals(params.dpo.gate, candidate_scores, baseline_scores, read_json(guard), sft_scores)
     promoted = not reasons
     source = round_name if promoted else trained_round(baseline)
     with atomic_path(out) as scratch:

@@ -7,6 +7,7 @@ round killed mid-generation resumes; an appended round re-runs only itself and w
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -165,14 +166,17 @@ def test_one_attribute_pairs_need_a_judge_that_reports_attributes():
 
 
 def test_gate_names_every_regression_beyond_its_tolerance():
-    gate = GateParams(max_task_accuracy_drop=0.05, max_perplexity_rise=0.5, max_chosen_nll_rise=None)
+    gate = GateParams(
+        max_task_accuracy_drop=0.05, max_perplexity_rise=0.5, max_chosen_nll_rise=None, max_chosen_nll_rise_vs_sft=None
+    )
     baseline = {"task_accuracy": 0.60, "perplexity": 100.0}
-    assert refusals(gate, {"task_accuracy": 0.56, "perplexity": 149.0}, baseline, {"quality": "ok"}) == []
+    assert refusals(gate, {"task_accuracy": 0.56, "perplexity": 149.0}, baseline, {"quality": "ok"}, baseline) == []
     reasons = refusals(
         gate,
         {"task_accuracy": 0.50, "perplexity": 151.0},
         baseline,
         {"quality": "failed-quality", "guard_reasons": ["sanity"]},
+        baseline,
     )
     assert len(reasons) == 3 and "task_accuracy fell 0.6000 -> 0.5000" in reasons[0] and "+51.0%" in reasons[1]
 
@@ -181,18 +185,35 @@ def test_gate_refuses_a_round_that_forgets_the_preferred_answers_not_one_that_le
     gate = GateParams(max_chosen_nll_rise=0.05)  # perplexity of SFT completions unchecked by default
     start = {"task_accuracy": 0.6, "perplexity": 100.0, "chosen_nll": 0.80}
     learned_style = {"task_accuracy": 0.6, "perplexity": 400.0, "chosen_nll": 0.60}
-    assert refusals(gate, learned_style, start, {"quality": "ok"}) == []
+    assert refusals(gate, learned_style, start, {"quality": "ok"}, start) == []
     forgot = {"task_accuracy": 0.6, "perplexity": 90.0, "chosen_nll": 0.90}
-    (reason,) = refusals(gate, forgot, start, {"quality": "ok"})
+    (reason,) = refusals(gate, forgot, start, {"quality": "ok"}, {**start, "chosen_nll": 1.0})
     assert reason == "chosen_nll rose 0.8 -> 0.9 (+12.5%; dpo.gate.max_chosen_nll_rise: 5%)"
+
+
+def test_gate_keeps_the_forgetting_of_all_rounds_within_a_budget_over_sft_that_rises_per_round_would_exceed():
+    gate = GateParams(max_chosen_nll_rise=0.05, max_chosen_nll_rise_vs_sft=0.05)
+    sft, ok = {"task_accuracy": 0.5, "chosen_nll": 0.80}, {"quality": "ok"}
+    policies = [sft]
+    for _ in range(4):  # each round +4 % over the last: within the per-round limit, not within the budget
+        policies.append({"task_accuracy": 0.5, "chosen_nll": policies[-1]["chosen_nll"] * 1.04})
+    decisions = [refusals(gate, new, old, ok, sft) for old, new in itertools.pairwise(policies)]
+    assert decisions[0] == [], "a round +4 % over SFT was refused"
+    assert decisions[1] == ["chosen_nll rose from the SFT policy's 0.8 -> 0.8653 (+8.2%; "
+                            "dpo.gate.max_chosen_nll_rise_vs_sft: 5%)"]  # fmt: skip
+    below_sft = {"task_accuracy": 0.5, "chosen_nll": 0.60}
+    assert refusals(gate, {**below_sft, "chosen_nll": 0.62}, below_sft, ok, sft) == []
+    assert refusals(GateParams(max_chosen_nll_rise_vs_sft=None), policies[2], policies[1], ok, sft) == []
 
 
 def test_gate_refuses_a_round_whose_thresholds_it_could_not_check_and_params_name_the_missing_eval_task():
     gate = GateParams(max_task_accuracy_drop=0.0, max_chosen_nll_rise=0.05)
     only_accuracy = {"task_accuracy": 0.6}
-    (reason,) = refusals(gate, only_accuracy, only_accuracy, {"quality": "ok"})
+    (reason, budget) = refusals(gate, only_accuracy, only_accuracy, {"quality": "ok"}, only_accuracy)
     assert reason.startswith("chosen_nll unchecked: the round's and baseline's eval has none")
-    assert refusals(GateParams(max_chosen_nll_rise=None), only_accuracy, only_accuracy, {"quality": "ok"}) == []
+    assert budget.startswith("chosen_nll unchecked: the round's and SFT policy's eval has none")
+    unchecked = GateParams(max_chosen_nll_rise=None, max_chosen_nll_rise_vs_sft=None)
+    assert refusals(unchecked, only_accuracy, only_accuracy, {"quality": "ok"}, only_accuracy) == []
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["eval"]["tasks"] = ["sftdpo_preference", "sftdpo_generation"]
@@ -200,6 +221,9 @@ def test_gate_refuses_a_round_whose_thresholds_it_could_not_check_and_params_nam
                        r"sftdpo_chosen_nll, which eval.tasks leaves out"):  # fmt: skip
         validate(raw)
     raw["dpo"]["gate"]["max_chosen_nll_rise"] = None
+    with pytest.raises(ParamsError, match=r"dpo.gate.max_chosen_nll_rise_vs_sft: its metric comes from"):
+        validate(raw)
+    raw["dpo"]["gate"]["max_chosen_nll_rise_vs_sft"] = None
     validate(raw)
 
 

@@ -26,6 +26,7 @@ GATE_THRESHOLD_TASKS = {
     "max_task_accuracy_drop": "sftdpo_generation",
     "max_perplexity_rise": "sftdpo_perplexity",
     "max_chosen_nll_rise": "sftdpo_chosen_nll",
+    "max_chosen_nll_rise_vs_sft": "sftdpo_chosen_nll",
 }
 """Each `dpo.gate` threshold and the project eval task whose metric it reads."""
 RESERVED_ROUND_NAMES = (SFT_POLICY, "merged", "base")
@@ -302,6 +303,10 @@ class GateParams(Section):
     max_chosen_nll_rise: float | None = Field(0.05, ge=0)
     """Largest relative rise of the held-out preferred completions' per-token NLL (`chosen_nll`, 0.05 = +5 %) versus
     the policy the round started from that still promotes the round; None: not checked."""
+    max_chosen_nll_rise_vs_sft: float | None = Field(0.05, ge=0)
+    """Largest relative rise of `chosen_nll` versus the SFT policy's that still promotes the round: the forgetting
+    budget of all rounds together, which the per-round `max_chosen_nll_rise` lets compound (+5 % a round is +28 %
+    after five rounds); None: not checked."""
     require_guard_ok: bool = True
     """Refuse a round the collapse guard marked failed-quality."""
 
