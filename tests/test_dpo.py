@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from trl import DPOTrainer
 
 from tasks.base import build_base
 from tasks.dpo import round_training, train_round
@@ -176,10 +177,11 @@ def test_a_round_may_set_its_own_learning_rate_and_epochs():
     assert third.epochs == 3 and third.learning_rate == params.dpo.train.learning_rate
 
 
-def test_a_finished_round_run_again_trains_afresh_to_the_same_steps_and_weights(tmp_path):
-    """DVC re-runs a finished round (`dvc repro -f`, an edited helper, deleted outputs) with its checkpoint still
-    there. Resuming it would take extra steps past `max_steps` when the epochs are fractional (transformers starts
-    the next epoch before it checks), which a constant learning rate turns into different weights."""
+def test_a_finished_round_run_again_trains_afresh_to_the_same_steps_and_weights(tmp_path, monkeypatch):
+    """DVC re-runs a finished round (`dvc repro -f`, an edited trainer, deleted outputs) with its checkpoint still
+    there. Resuming it would train nothing with whole epochs (an edit would be ignored) and, with fractional ones,
+    take extra steps past `max_steps` (transformers starts the next epoch before it checks), which a constant
+    learning rate turns into different weights."""
     rows = [{"prompt": f"Q{i}: say yes.", "chosen": " yes", "rejected": " no no no"} for i in range(16)]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -198,7 +200,14 @@ def test_a_finished_round_run_again_trains_afresh_to_the_same_steps_and_weights(
             tmp_path / f"{out}-plots.json", tmp_path / f"{out}-metrics.json",
         )  # fmt: skip
 
-    first, again = run("first"), run("again")
+    first = run("first")
+    steps_taken = []
+    training_step = DPOTrainer.training_step
+    monkeypatch.setattr(
+        DPOTrainer, "training_step", lambda self, *args, **kw: steps_taken.append(1) or training_step(self, *args, **kw)
+    )
+    again = run("again")
+    assert len(steps_taken) == 3, f"the re-run trained {len(steps_taken)} steps of the round's 3"
     assert first["steps"] == 3 and again["steps"] == 3, "a re-run did not stop at the round's 3 steps"
     weights = "adapter/adapter_model.safetensors"
     assert (tmp_path / "first" / weights).read_bytes() == (tmp_path / "again" / weights).read_bytes()
