@@ -27,15 +27,13 @@ from tasks.lib.schema import LoraParams, Params, TrackingParams, TrainingParams
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 """Columns of stored reference log-probabilities, as TRL's precompute pass names them."""
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+HIDDEN_PREFIX = "pair_"
+"""Pair columns renamed with this prefix are invisible to TRL's dataset passes (they look for `prompt`, `chosen`)."""
 
 
 def pairs_only(path: Path) -> list[dict]:
     """A pairs file's rows with only the preference columns (stored reference log-probs and extra fields dropped)."""
     return [{column: row[column] for column in PAIR_COLUMNS} for row in load_records(path)]
-
-
-HIDDEN_PREFIX = "pair_"
-"""Pair columns renamed with this prefix are invisible to TRL's dataset passes (they look for `prompt`, `chosen`)."""
 
 
 def lora_config(lora: LoraParams, task_type: str = "CAUSAL_LM"):
@@ -337,10 +335,9 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 def is_unfinished(checkpoint: Path | None) -> bool:
     """Whether `checkpoint` is a trainer checkpoint short of its run's last step (None or a vanished one: no)."""
-    state = checkpoint / "trainer_state.json" if checkpoint is not None else None
-    if state is None or not state.exists():  # rank 0 may be clearing a finished run's folder
+    if checkpoint is None or not (checkpoint / "trainer_state.json").exists():  # rank 0 may be clearing the folder
         return False
-    progress = read_json(state)
+    progress = read_json(checkpoint / "trainer_state.json")
     control = progress.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
     stopped = control.get("should_training_stop", False)  # early stopping ends a run short of max_steps
     return progress["global_step"] < progress["max_steps"] and not stopped
